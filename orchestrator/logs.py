@@ -1,0 +1,59 @@
+"""structlog setup: JSON lines for machines, console rendering on a TTY, secrets scrubbed.
+
+Event names are dotted (`job.retry_scheduled`); context (policy, instance, job, attempt) is
+bound once with `structlog.contextvars.bound_contextvars` by the code that owns it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import MutableMapping
+from typing import Any, TextIO
+
+import structlog
+
+# Keys whose values are never logged, whatever code tried to log them.
+_SECRET_KEYS = re.compile(r"secret|password|token|authorization|credential", re.IGNORECASE)
+_DSN_PASSWORD = re.compile(r"(postgres(?:ql)?://[^:/@\s]+:)[^@\s]+@")
+
+
+def scrub(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Processor: redact secret-looking keys and passwords inside DSNs."""
+    for key, value in event.items():
+        if _SECRET_KEYS.search(key) and value is not None:
+            event[key] = "***"
+        elif isinstance(value, str) and "://" in value:
+            event[key] = _DSN_PASSWORD.sub(r"\1***@", value)
+    return event
+
+
+def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = None) -> None:
+    """Configure structlog process-wide; `fmt` is auto, json or console."""
+    stream = stream or sys.stderr
+    use_console = fmt == "console" or (fmt == "auto" and stream.isatty())
+    renderer: Any = (
+        structlog.dev.ConsoleRenderer() if use_console else structlog.processors.JSONRenderer()
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            scrub,
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelNamesMapping()[level.upper()]
+        ),
+        logger_factory=structlog.PrintLoggerFactory(stream),
+        cache_logger_on_first_use=False,
+    )
+
+
+def get(name: str | None = None) -> Any:
+    """A logger; `name` is bound as `logger`."""
+    log = structlog.get_logger()
+    return log.bind(logger=name) if name else log

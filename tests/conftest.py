@@ -1,0 +1,11 @@
+"""Test configuration: fixture plugins and a network guard."""
+
+from __future__ import annotations
+
+import os
+
+# Tests talk only to loopback; the official SDK reads proxy variables itself (reference §1.4).
+for _var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+    os.environ.pop(_var, None)
+
+pytest_plugins = ["tests.fixtures.pg", "tests.fixtures.sim"]
