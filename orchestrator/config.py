@@ -43,9 +43,10 @@ class AccountSettings:
     """One Tencent Cloud account and where its credentials come from."""
 
     name: str = "default"
-    secret_id_env: str = "TENCENTCLOUD_SECRET_ID"
-    secret_key_env: str = "TENCENTCLOUD_SECRET_KEY"
-    session_token_env: str = "TENCENTCLOUD_SESSION_TOKEN"
+    # Names of environment variables, not secrets.
+    secret_id_env: str = "TENCENTCLOUD_SECRET_ID"  # noqa: S105
+    secret_key_env: str = "TENCENTCLOUD_SECRET_KEY"  # noqa: S105
+    session_token_env: str = "TENCENTCLOUD_SESSION_TOKEN"  # noqa: S105
     profile: str | None = None
     cvm_role: str | None = None
 
@@ -79,8 +80,10 @@ def _section(data: Mapping[str, Any], source: str, cls: type[Any]) -> dict[str, 
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise UsageError(f"{source}: unknown key(s) {', '.join(unknown)}; expected some of "
-                         f"{', '.join(sorted(known))}")
+        raise UsageError(
+            f"{source}: unknown key(s) {', '.join(unknown)}; expected some of "
+            f"{', '.join(sorted(known))}"
+        )
     return dict(data)
 
 
@@ -93,7 +96,9 @@ def _from_file(path: Path) -> dict[str, Any]:
         raise UsageError(f"{path}: not valid TOML: {exc}") from None
     values = _section(data, str(path), Settings)
     if "retry" in values:
-        values["retry"] = RetrySettings(**_section(values["retry"], f"{path}: [retry]", RetrySettings))
+        values["retry"] = RetrySettings(
+            **_section(values["retry"], f"{path}: [retry]", RetrySettings)
+        )
     if "accounts" in values:
         values["accounts"] = tuple(
             AccountSettings(**_section(a, f"{path}: [[accounts]]", AccountSettings))
@@ -136,7 +141,9 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
 
 def _validate(settings: Settings) -> None:
     if settings.log_format not in {"auto", "json", "console"}:
-        raise UsageError(f"config: log_format must be auto, json or console, not {settings.log_format!r}")
+        raise UsageError(
+            f"config: log_format must be auto, json or console, not {settings.log_format!r}"
+        )
     for action, limit in settings.limits.items():
         if not isinstance(limit, int) or limit <= 0:
             raise UsageError(f"config: limits.{action} must be a positive integer, not {limit!r}")

@@ -82,7 +82,10 @@ class TencentError(Exception):
         return f"{self.code}: {self.message}{rid}"
 
     def __repr__(self) -> str:
-        return f"TencentError(code={self.code!r}, message={self.message!r}, request_id={self.request_id!r})"
+        return (
+            f"TencentError(code={self.code!r}, message={self.message!r}, "
+            f"request_id={self.request_id!r})"
+        )
 
 
 def network_error(message: str) -> TencentError:

@@ -35,7 +35,7 @@ class Filter:
 
 @dataclass(frozen=True, slots=True)
 class CreateImageResult:
-    """A successful CreateImage. `image_id` is None for the older API (seed 002): resolve by name."""
+    """A CreateImage success; `image_id` is None for the older API (seed 002): resolve by name."""
 
     image_id: str | None
     request_id: str
