@@ -1,0 +1,287 @@
+"""Credentials and the SDK's provider chain: environment, then the profile file, then the CVM role.
+
+A provider is anything with `async def get(self) -> Credentials`. Each call may return fresh
+credentials (temporary role keys are refreshed before they expire), so callers ask per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import configparser
+import json
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import aiohttp
+
+from orchestrator import logs
+from orchestrator.config import AccountSettings
+from orchestrator.tencent.errors import TencentError
+
+METADATA_URL = "http://metadata.tencentyun.com/latest/meta-data/"
+ROLE_PATH = "cam/security-credentials/"
+# The server refuses timestamps more than 300 s off, so the SDK renews keys this long before expiry.
+REFRESH_MARGIN = 300.0
+NO_CREDENTIALS = "AuthFailure.NoCredentials"
+
+log = logs.get("tencent.credentials")
+
+
+def _mask(value: str) -> str:
+    return f"{value[:4]}***{value[-4:]}" if len(value) > 12 else "***"
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class Credentials:
+    """A secret id and key, plus a token for temporary keys. Its repr never shows the secrets."""
+
+    secret_id: str
+    secret_key: str
+    token: str | None = None
+    expires_at: float | None = None  # Unix time; None for long-lived keys
+    source: str = field(default="static", compare=False)
+
+    def __post_init__(self) -> None:
+        for name in ("secret_id", "secret_key"):
+            value = getattr(self, name)
+            if not value or value.strip() != value:
+                raise CredentialsError(f"{self.source}: {name} is empty or has surrounding spaces")
+
+    def __repr__(self) -> str:
+        token = ", token=***" if self.token else ""
+        return f"Credentials(secret_id={_mask(self.secret_id)!r}{token}, source={self.source!r})"
+
+    __str__ = __repr__
+
+    def expiring(self, now: float, margin: float = REFRESH_MARGIN) -> bool:
+        """Whether these keys expire within `margin` seconds of `now`."""
+        return self.expires_at is not None and self.expires_at - now <= margin
+
+
+class CredentialsError(TencentError):
+    """No usable credentials from a provider; an account-wide stop (an `AuthFailure.*` code)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(NO_CREDENTIALS, message)
+
+
+class CredentialsProvider(Protocol):
+    """Anything that yields the credentials to sign the next request with."""
+
+    async def get(self) -> Credentials:
+        """Credentials valid for at least the next request."""
+        ...
+
+
+class StaticCredentials:
+    """Fixed credentials (tests, the simulator, explicit configuration)."""
+
+    def __init__(self, credentials: Credentials) -> None:
+        self._credentials = credentials
+
+    def __repr__(self) -> str:
+        return f"StaticCredentials({self._credentials!r})"
+
+    async def get(self) -> Credentials:
+        """The fixed credentials."""
+        return self._credentials
+
+
+class EnvCredentials:
+    """Keys from environment variables (names configurable per account)."""
+
+    def __init__(
+        self, account: AccountSettings | None = None, env: Mapping[str, str] | None = None
+    ) -> None:
+        account = account or AccountSettings()
+        self._env = env
+        self._vars = (account.secret_id_env, account.secret_key_env, account.session_token_env)
+
+    def __repr__(self) -> str:
+        return f"EnvCredentials(vars={self._vars!r})"
+
+    async def get(self) -> Credentials:
+        """Keys from the environment, read at call time."""
+        env = os.environ if self._env is None else self._env
+        id_var, key_var, token_var = self._vars
+        secret_id, secret_key = env.get(id_var, ""), env.get(key_var, "")
+        if not secret_id or not secret_key:
+            raise CredentialsError(f"environment: {id_var} and {key_var} are not both set")
+        return Credentials(secret_id, secret_key, env.get(token_var) or None, source="environment")
+
+
+def default_profile_paths() -> tuple[Path, ...]:
+    """Where the SDK looks for the credentials file, in order."""
+    return (Path("~/.tencentcloud/credentials").expanduser(), Path("/etc/tencentcloud/credentials"))
+
+
+def _read_profile(paths: Sequence[Path], profile: str) -> Credentials:
+    path = next((p for p in paths if p.is_file()), None)
+    if path is None:
+        raise CredentialsError(f"profile file: none of {', '.join(map(str, paths))} exists")
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        parser.read(path, encoding="utf-8")
+    except configparser.Error as exc:
+        raise CredentialsError(f"{path}: not a valid INI file ({type(exc).__name__})") from None
+    if not parser.has_section(profile):
+        raise CredentialsError(f"{path}: no [{profile}] profile")
+    section = parser[profile]
+    secret_id = section.get("secret_id", "").strip()
+    secret_key = section.get("secret_key", "").strip()
+    if not secret_id or not secret_key:
+        raise CredentialsError(f"{path}: [{profile}] needs secret_id and secret_key")
+    token = section.get("token", "").strip() or None
+    return Credentials(secret_id, secret_key, token, source=f"{path}[{profile}]")
+
+
+class ProfileCredentials:
+    """Keys from `~/.tencentcloud/credentials` (INI): `[default]` or a named profile."""
+
+    def __init__(self, profile: str | None = None, paths: Sequence[Path] | None = None) -> None:
+        self._profile = profile or "default"
+        self._paths = tuple(paths) if paths is not None else default_profile_paths()
+
+    def __repr__(self) -> str:
+        return f"ProfileCredentials(profile={self._profile!r})"
+
+    async def get(self) -> Credentials:
+        """Keys from the first credentials file that exists."""
+        return await asyncio.to_thread(_read_profile, self._paths, self._profile)
+
+
+def _role_credentials(data: Any, role: str) -> Credentials:
+    if not isinstance(data, dict) or data.get("Code") != "Success":
+        code = data.get("Code") if isinstance(data, dict) else None
+        raise CredentialsError(f"CVM role {role!r}: metadata answered Code={code!r}")
+    try:
+        return Credentials(
+            str(data["TmpSecretId"]),
+            str(data["TmpSecretKey"]),
+            str(data["Token"]),
+            expires_at=float(data["ExpiredTime"]),
+            source=f"cvm-role:{role}",
+        )
+    except (KeyError, TypeError, ValueError):
+        raise CredentialsError(f"CVM role {role!r}: metadata answer lacks keys") from None
+
+
+class CvmRoleCredentials:
+    """Temporary keys of the instance's CAM role, from the CVM metadata service, renewed early."""
+
+    def __init__(
+        self,
+        role: str | None = None,
+        *,
+        base_url: str = METADATA_URL,
+        refresh_margin: float = REFRESH_MARGIN,
+        timeout: float = 2.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._role = role
+        self._base = base_url if base_url.endswith("/") else base_url + "/"
+        self._margin = refresh_margin
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._clock = clock
+        self._cached: Credentials | None = None
+        self._lock = asyncio.Lock()
+
+    def __repr__(self) -> str:
+        return f"CvmRoleCredentials(role={self._role!r}, base_url={self._base!r})"
+
+    async def get(self) -> Credentials:
+        """Cached role keys, fetched again when they are within the refresh margin of expiry."""
+        async with self._lock:
+            cached = self._cached
+            if cached is None or cached.expiring(self._clock(), self._margin):
+                cached = self._cached = await self._refresh(cached)
+            return cached
+
+    async def _refresh(self, cached: Credentials | None) -> Credentials:
+        try:
+            fresh = await self._fetch()
+        except TencentError as exc:
+            # Keys still inside their lifetime beat no keys: the metadata service may blip.
+            if cached is not None and not cached.expiring(self._clock(), 0):
+                log.warning("credentials.refresh_failed", code=exc.code, role=self._role)
+                return cached
+            raise
+        log.debug("credentials.refreshed", role=self._role, expires_at=fresh.expires_at)
+        return fresh
+
+    async def _fetch(self) -> Credentials:
+        async with aiohttp.ClientSession(timeout=self._timeout) as session:
+            role = self._role or await self._discover(session)
+            text = await self._get_text(session, self._base + ROLE_PATH + role)
+        try:
+            data = json.loads(text)
+        except ValueError:
+            raise CredentialsError(f"CVM role {role!r}: metadata answer is not JSON") from None
+        return _role_credentials(data, role)
+
+    async def _discover(self, session: aiohttp.ClientSession) -> str:
+        text = await self._get_text(session, self._base + ROLE_PATH)
+        role = next((line.strip() for line in text.splitlines() if line.strip()), "")
+        if not role:
+            raise CredentialsError("CVM role: the instance has no CAM role bound")
+        self._role = role
+        return role
+
+    async def _get_text(self, session: aiohttp.ClientSession, url: str) -> str:
+        try:
+            async with session.get(url) as resp:
+                if resp.status != 200:
+                    raise CredentialsError(f"CVM role: metadata {url} answered HTTP {resp.status}")
+                return await resp.text()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            reason = type(exc).__name__
+            raise CredentialsError(f"CVM role: metadata {url} unreachable ({reason})") from None
+
+
+class ChainCredentials:
+    """The first provider that yields credentials wins and is kept, as the SDK's chain does."""
+
+    def __init__(self, providers: Sequence[CredentialsProvider]) -> None:
+        self._providers = tuple(providers)
+        self._chosen: CredentialsProvider | None = None
+
+    def __repr__(self) -> str:
+        return f"ChainCredentials({list(self._providers)!r})"
+
+    async def get(self) -> Credentials:
+        """Credentials from the chosen provider, choosing one on first use."""
+        if self._chosen is not None:
+            return await self._chosen.get()
+        reasons = []
+        for provider in self._providers:
+            try:
+                found = await provider.get()
+            except CredentialsError as exc:
+                reasons.append(exc.message)
+                continue
+            self._chosen = provider
+            log.debug("credentials.chosen", source=found.source)
+            return found
+        raise CredentialsError("no credentials found: " + "; ".join(reasons))
+
+
+def default_chain(
+    account: AccountSettings | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    profile_paths: Sequence[Path] | None = None,
+    metadata_url: str = METADATA_URL,
+) -> ChainCredentials:
+    """The SDK's chain for one account: environment, profile file, CVM role."""
+    account = account or AccountSettings()
+    return ChainCredentials(
+        [
+            EnvCredentials(account, env),
+            ProfileCredentials(account.profile, profile_paths),
+            CvmRoleCredentials(account.cvm_role, base_url=metadata_url),
+        ]
+    )
