@@ -1,0 +1,137 @@
+"""What a simulator run looks like: accounts, limits, fleet, faults and timings.
+
+Everything is a plain frozen dataclass so a configuration can be built in Python by tests,
+loaded from a TOML/JSON file (`fleet.py`) or assembled from command-line flags.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+# Published per-second limits (reference §5); DescribeImageQuota's is the common CVM default.
+DEFAULT_LIMITS: Mapping[str, int] = {
+    "CreateImage": 10,
+    "DeleteImages": 10,
+    "DescribeImages": 40,
+    "DescribeInstances": 40,
+    "DescribeImageQuota": 20,
+}
+
+DEFAULT_REGION = "ap-guangzhou"
+DEFAULT_QUOTA = 500
+INSTANCE_STATES = frozenset(
+    {
+        "PENDING",
+        "LAUNCH_FAILED",
+        "RUNNING",
+        "STOPPED",
+        "STARTING",
+        "STOPPING",
+        "REBOOTING",
+        "SHUTDOWN",
+        "TERMINATING",
+        "ENTER_RESCUE_MODE",
+        "RESCUE_MODE",
+        "EXIT_RESCUE_MODE",
+        "ENTER_SERVICE_LIVE_MIGRATE",
+        "SERVICE_LIVE_MIGRATE",
+        "EXIT_SERVICE_LIVE_MIGRATE",
+    }
+)
+BEHAVIOURS = frozenset({"normal", "busy", "fail", "legacy"})
+
+
+@dataclass(frozen=True, slots=True)
+class SimInstance:
+    """One CVM instance of the simulated fleet.
+
+    `behaviour`: "busy" answers OperationDenied.InstanceOperationInProgress for `busy_seconds`
+    after start (forever when 0), "fail" makes images that end CREATEFAILED, "legacy" answers
+    CreateImage without ImageId. `account` None means the instance is visible to every account.
+    """
+
+    instance_id: str
+    name: str = ""
+    region: str = DEFAULT_REGION
+    zone: str = ""
+    state: str = "RUNNING"
+    tags: Mapping[str, str] = field(default_factory=dict)
+    data_disk_ids: tuple[str, ...] = ()
+    system_disk_id: str = ""
+    os_name: str = "TencentOS Server 3.1 (TK4)"
+    created_time: str = "2024-01-01T00:00:00Z"
+    behaviour: str = "normal"
+    busy_seconds: float = 0.0
+    account: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SimImageSeed:
+    """An image that exists before the simulator starts (not made by the daemon)."""
+
+    image_id: str
+    name: str
+    region: str = DEFAULT_REGION
+    state: str = "NORMAL"
+    tags: Mapping[str, str] = field(default_factory=dict)
+    instance_id: str = ""
+    created_time: str = "2024-01-01T00:00:00Z"
+    account: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Faults:
+    """Injected failures; every rate is a probability per call, drawn from the seeded RNG.
+
+    `after_create` is the share of CreateImage faults applied after the image was made, so a
+    client sees an error (or a dropped connection) for a call that in fact succeeded.
+    """
+
+    internal_error_rate: float = 0.0
+    http_5xx_rate: float = 0.0
+    drop_rate: float = 0.0
+    latency: tuple[float, float] = (0.0, 0.0)
+    after_create: float = 0.0
+
+    @staticmethod
+    def latency_around(mean: float, jitter: float) -> tuple[float, float]:
+        """A latency range given as a mean plus or minus a jitter, in seconds."""
+        return (max(0.0, mean - jitter), mean + jitter)
+
+    @property
+    def active(self) -> bool:
+        """Whether this fault set can change any answer at all."""
+        rates = self.internal_error_rate + self.http_5xx_rate + self.drop_rate
+        return rates > 0 or self.latency[1] > 0
+
+
+@dataclass(frozen=True, slots=True)
+class SimConfig:
+    """A whole simulator setup. Limits map an action to calls per second; None lifts it."""
+
+    credentials: Mapping[str, str] = field(default_factory=dict, repr=False)
+    tokens: Mapping[str, str] = field(default_factory=dict, repr=False)
+    limits: Mapping[str, int | None] = field(default_factory=lambda: dict(DEFAULT_LIMITS))
+    create_delay: tuple[float, float] = (0.05, 0.2)
+    faults: Faults = field(default_factory=Faults)
+    action_faults: Mapping[str, Faults] = field(default_factory=dict)
+    instances: tuple[SimInstance, ...] = ()
+    images: tuple[SimImageSeed, ...] = ()
+    quota: Mapping[str, int] = field(default_factory=dict)
+    default_quota: int = DEFAULT_QUOTA
+    seed: int = 0
+    legacy: bool = False
+    clock_skew: float = 300.0
+
+    def limit(self, action: str) -> int | None:
+        """The per-second limit of an action, None when unlimited."""
+        return self.limits.get(action, DEFAULT_LIMITS.get(action))
+
+    def faults_for(self, action: str) -> Faults:
+        """The faults that apply to an action (its own set, else the global one)."""
+        return self.action_faults.get(action, self.faults)
+
+
+# Every published limit lifted, for benchmarks that measure the daemon rather than the API.
+NO_LIMITS: Mapping[str, int | None] = dict.fromkeys(DEFAULT_LIMITS)

@@ -1,0 +1,121 @@
+"""The records the simulator keeps: images, instances, deletions and calls."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from orchestrator.simulator.config import SimInstance
+
+# States in which DeleteImages refuses an image (Chinese DeleteImages docstring).
+UNDELETABLE = frozenset({"CREATING", "SYNCING", "IMPORTING"})
+
+
+def iso(epoch: float) -> str:
+    """Tencent's time form, `2026-11-23T10:00:00Z`."""
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(slots=True)
+class SimImage:
+    """One custom image, alive or deleted. `ours` marks images made through CreateImage."""
+
+    image_id: str
+    name: str
+    account: str
+    region: str
+    state: str
+    created_time: str
+    instance_id: str = ""
+    tags: dict[str, str] = field(default_factory=dict)
+    description: str = ""
+    ours: bool = True
+    force_poweroff: str | None = None
+    sysprep: str | None = None
+    data_disk_ids: tuple[str, ...] = ()
+    legacy: bool = False
+    final_state: str = "NORMAL"
+    deleted_time: str | None = None
+    seq: int = 0
+
+    @property
+    def alive(self) -> bool:
+        """Whether the image still exists (was not deleted)."""
+        return self.deleted_time is None
+
+    def to_json(self) -> dict[str, Any]:
+        """The inspection form (not the API form: see render.py)."""
+        return {
+            "image_id": self.image_id,
+            "name": self.name,
+            "account": self.account,
+            "region": self.region,
+            "state": self.state,
+            "instance_id": self.instance_id,
+            "tags": dict(self.tags),
+            "ours": self.ours,
+            "force_poweroff": self.force_poweroff,
+            "sysprep": self.sysprep,
+            "data_disk_ids": list(self.data_disk_ids),
+            "legacy": self.legacy,
+            "created": self.created_time,
+            "deleted": self.deleted_time,
+        }
+
+
+@dataclass(slots=True)
+class InstanceRecord:
+    """An instance and what can change about it while the simulator runs."""
+
+    spec: SimInstance
+    state: str
+    busy_until: float = 0.0
+    creating: str | None = None
+
+    def visible_to(self, account: str, region: str) -> bool:
+        """Whether an account sees this instance in a region."""
+        owner = self.spec.account
+        return self.spec.region == region and owner in (None, account)
+
+
+@dataclass(frozen=True, slots=True)
+class Deletion:
+    """One image removed by DeleteImages."""
+
+    image_id: str
+    account: str
+    delete_binded_snap: bool
+    at: str
+
+    def to_json(self) -> dict[str, Any]:
+        """The inspection form."""
+        return {
+            "image_id": self.image_id,
+            "account": self.account,
+            "delete_binded_snap": self.delete_binded_snap,
+            "at": self.at,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One answered (or dropped) API call; `code` is "OK" for a success."""
+
+    action: str
+    account: str
+    region: str
+    code: str
+    request_id: str
+    t: float
+
+    def to_json(self) -> dict[str, Any]:
+        """The inspection form."""
+        return {
+            "action": self.action,
+            "account": self.account,
+            "region": self.region,
+            "code": self.code,
+            "request_id": self.request_id,
+            "t": self.t,
+        }
