@@ -1,0 +1,352 @@
+"""The tracker: follows each image of ours from CREATING to NORMAL or CREATEFAILED.
+
+What it tracks: jobs in `waiting_image` (their image id is known) and images recorded as
+CREATING whose job has already ended (expired, say): a finished build still matters for
+retention and quota. It asks DescribeImages by ImageIds, up to 100 per call, per
+(account, region), at an interval that adapts to how many images are in flight.
+
+- NORMAL: the image is ready (ready_at, size), its job succeeds, then retention runs for that
+  (policy, instance).
+- CREATEFAILED: the job fails with `ImageCreateFailed`, and the image is deleted (intent first)
+  since it holds a unit of image quota.
+- Not returned at all: the image vanished; the job fails with `ImageVanished`. A short grace
+  after the image was recorded covers an API that does not list a new image at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import structlog
+
+from orchestrator import logs, retention, rotation
+from orchestrator.config import Settings
+from orchestrator.context import EngineContext
+from orchestrator.rotation import Conn, LiveImage
+from orchestrator.tencent.errors import TencentError
+from orchestrator.tencent.models import Image
+
+log = logs.get("tracker")
+
+BATCH = 100  # DescribeImages takes at most 100 ImageIds
+VANISHED_GRACE = timedelta(seconds=30)
+FAILED_CODE = "ImageCreateFailed"
+VANISHED_CODE = "ImageVanished"
+
+_TRACKED = """
+SELECT j.image_id, j.account, j.region, j.policy_id, j.instance_id, j.id AS job_id,
+       j.image_name AS name, j.slot, coalesce(i.created_at, j.updated_at) AS recorded_at,
+       j.deadline, i.state
+FROM jobs j LEFT JOIN images i ON i.image_id = j.image_id
+WHERE j.state = 'waiting_image'
+UNION ALL
+SELECT i.image_id, i.account, i.region, i.policy_id, i.instance_id, NULL, i.name, i.slot,
+       i.created_at, NULL, i.state
+FROM images i
+WHERE i.state = 'CREATING' AND i.deleted_at IS NULL
+  AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.image_id = i.image_id AND j.state = 'waiting_image')
+"""
+
+# The dispatcher records the image row with the job; the upsert also covers a job that reached
+# waiting_image without one, so an image we made is never left out of our table.
+_UPSERT_IMAGE = """
+INSERT INTO images (image_id, name, account, region, instance_id, policy_id, slot, job_id,
+                    state, size_gb, ready_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, CASE WHEN $9 = 'NORMAL' THEN now() END)
+ON CONFLICT (image_id) DO UPDATE
+SET state = EXCLUDED.state,
+    size_gb = coalesce(EXCLUDED.size_gb, images.size_gb),
+    ready_at = coalesce(images.ready_at, EXCLUDED.ready_at)
+RETURNING image_id, account, region, policy_id, instance_id, job_id, state, created_at,
+          delete_requested_at, delete_reason
+"""
+
+_SUCCEED_JOB = """
+UPDATE jobs SET state = 'succeeded', reason = 'image_ready', finished_at = now(),
+                updated_at = now(), lease_owner = NULL, lease_expires_at = NULL
+WHERE id = $1 AND state = 'waiting_image'
+"""
+
+# The completion window closed while the image was still being built. The image stays
+# tracked through its images row (state CREATING), for retention and quota.
+_EXPIRE_JOB = """
+UPDATE jobs SET state = 'expired', reason = 'window_closed', finished_at = now(),
+                updated_at = now(), lease_owner = NULL, lease_expires_at = NULL
+WHERE id = $1 AND state = 'waiting_image'
+"""
+
+_FAIL_JOB = """
+UPDATE jobs SET state = 'failed', reason = $2, last_error_code = $3, last_error_message = $4,
+                finished_at = now(), updated_at = now(), lease_owner = NULL,
+                lease_expires_at = NULL
+WHERE id = $1 AND state = 'waiting_image'
+"""
+
+# A vanished image is gone from our point of view too: intent and confirmation at once, so the
+# row satisfies the two-phase CHECKs and is never a candidate again.
+_VANISHED = """
+UPDATE images SET state = 'VANISHED', delete_requested_at = coalesce(delete_requested_at, now()),
+                  delete_reason = coalesce(delete_reason, $2), deleted_at = now()
+WHERE image_id = $1 AND deleted_at IS NULL
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Tracked:
+    """An image being built, and the job waiting on it (None when the job already ended)."""
+
+    image_id: str
+    account: str
+    region: str
+    policy_id: int
+    instance_id: str
+    job_id: int | None
+    name: str
+    slot: datetime
+    recorded_at: datetime
+    deadline: datetime | None
+    state: str | None  # as recorded in our images table; None when there is no row yet
+
+    def live(self, state: str) -> LiveImage:
+        """As a live image row in `state` (for ledger rows before the images row exists)."""
+        return LiveImage(
+            self.image_id,
+            self.account,
+            self.region,
+            self.policy_id,
+            self.instance_id,
+            self.job_id,
+            state,
+            self.recorded_at,
+            None,
+            None,
+        )
+
+
+# -- outcomes ---------------------------------------------------------------------------------
+
+
+def _state(image: Image) -> str:
+    # An answer without ImageState is recorded as such: unknown, so never deletable.
+    return image.state or "UNKNOWN"
+
+
+async def _upsert(conn: Conn, t: Tracked, image: Image) -> LiveImage:
+    row = await conn.fetchrow(
+        _UPSERT_IMAGE,
+        t.image_id,
+        t.name,
+        t.account,
+        t.region,
+        t.instance_id,
+        t.policy_id,
+        t.slot,
+        t.job_id,
+        _state(image),
+        image.size_gib,
+    )
+    return LiveImage.from_record(row)
+
+
+async def _finish_job(conn: Conn, t: Tracked, sql: str, *args: Any) -> bool:
+    if t.job_id is None:
+        return False
+    return bool(await conn.execute(sql, t.job_id, *args) == "UPDATE 1")
+
+
+async def _ready(ctx: EngineContext, t: Tracked, image: Image) -> None:
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        live = await _upsert(conn, t, image)
+        await rotation.record_event(conn, "image.ready", live, None, size_gb=image.size_gib)
+        succeeded = await _finish_job(conn, t, _SUCCEED_JOB)
+        if succeeded:
+            await rotation.record_event(conn, "job.succeeded", live, "image_ready")
+    log.info("image.ready", image_id=t.image_id, size_gb=image.size_gib)
+    if succeeded:
+        log.info("job.succeeded", image_id=t.image_id)
+
+
+async def _failed(ctx: EngineContext, t: Tracked, image: Image) -> None:
+    message = f"image {t.image_id} ended in CREATEFAILED"
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        live = await _upsert(conn, t, image)
+        await rotation.record_event(conn, "image.failed", live, message)
+        failed = await _finish_job(conn, t, _FAIL_JOB, "image_failed", FAILED_CODE, message)
+        if failed:
+            await rotation.record_event(conn, "job.failed", live, message, code=FAILED_CODE)
+        # The intent commits with the failure: a crash right after still frees the quota.
+        pending = await rotation.request_delete(conn, "image", live, "CREATEFAILED: frees quota")
+    log.warning("image.failed", image_id=t.image_id)
+    if failed:
+        log.warning("job.failed", image_id=t.image_id, code=FAILED_CODE, message=message)
+    if pending is not None:
+        async with rotation.region_lock(ctx, t.account, t.region) as conn:
+            await rotation.delete_image(ctx, conn, "image", pending, "CREATEFAILED: frees quota")
+
+
+async def _vanished(ctx: EngineContext, t: Tracked) -> None:
+    message = f"image {t.image_id} is no longer returned by DescribeImages"
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        await conn.execute(_VANISHED, t.image_id, "vanished")
+        live = t.live("VANISHED")
+        await rotation.record_event(conn, "image.vanished", live, message)
+        failed = await _finish_job(conn, t, _FAIL_JOB, "image_vanished", VANISHED_CODE, message)
+        if failed:
+            await rotation.record_event(conn, "job.failed", live, message, code=VANISHED_CODE)
+    log.warning("image.vanished", image_id=t.image_id)
+    if failed:
+        log.warning("job.failed", image_id=t.image_id, code=VANISHED_CODE, message=message)
+
+
+async def _still_building(ctx: EngineContext, t: Tracked, image: Image, now: datetime) -> None:
+    expired = t.deadline is not None and now > t.deadline
+    if _state(image) == t.state and not expired:
+        return  # the common case: nothing to write
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        # Records a state change too (CREATING -> SYNCING, or a state we do not know).
+        live = await _upsert(conn, t, image)
+        closed = expired and await _finish_job(conn, t, _EXPIRE_JOB)
+        if closed:
+            await rotation.record_event(conn, "job.expired", live, "window_closed")
+    if closed:
+        log.warning("job.expired", image_id=t.image_id, reason="window_closed")
+
+
+# -- one poll ---------------------------------------------------------------------------------
+
+
+async def _describe(ctx: EngineContext, account: str, region: str, ids: list[str]) -> list[Image]:
+    return await ctx.client(account).images_by_ids(region, ids)
+
+
+async def _settle(ctx: EngineContext, t: Tracked, image: Image | None, now: datetime) -> bool:
+    """Record what became of one image; True while it is still in flight."""
+    with structlog.contextvars.bound_contextvars(
+        policy_id=t.policy_id, instance_id=t.instance_id, job_id=t.job_id
+    ):
+        if image is None:
+            if now - t.recorded_at < VANISHED_GRACE:
+                return True
+            await _vanished(ctx, t)
+        elif image.state == retention.NORMAL:
+            await _ready(ctx, t, image)
+        elif image.state == retention.CREATEFAILED:
+            await _failed(ctx, t, image)
+        else:
+            await _still_building(ctx, t, image, now)
+            return True
+    return False
+
+
+async def _poll_batch(ctx: EngineContext, batch: Sequence[Tracked]) -> tuple[int, set[Tracked]]:
+    """(in flight, images that became NORMAL) for up to 100 images of one account and region."""
+    first = batch[0]
+    found = await _describe(ctx, first.account, first.region, [t.image_id for t in batch])
+    by_id = {image.image_id: image for image in found}
+    now = datetime.now(UTC)
+    in_flight, ready = 0, set()
+    for t in batch:
+        image = by_id.get(t.image_id)
+        if await _settle(ctx, t, image, now):
+            in_flight += 1
+        elif image is not None and image.state == retention.NORMAL:
+            ready.add(t)
+    return in_flight, ready
+
+
+def _batches(tracked: Iterable[Tracked]) -> list[list[Tracked]]:
+    groups: dict[tuple[str, str], list[Tracked]] = defaultdict(list)
+    for t in tracked:
+        groups[(t.account, t.region)].append(t)
+    return [g[i : i + BATCH] for g in groups.values() for i in range(0, len(g), BATCH)]
+
+
+async def _tracked(ctx: EngineContext) -> list[Tracked]:
+    rows = await ctx.pool.fetch(_TRACKED)
+    return [Tracked(**dict(row)) for row in rows]
+
+
+async def _apply_retention(ctx: EngineContext, ready: Iterable[Tracked]) -> None:
+    for policy_id, instance_id in sorted({(t.policy_id, t.instance_id) for t in ready}):
+        try:
+            await rotation.apply_retention(ctx, policy_id, instance_id)
+        except TencentError as exc:
+            # Retention runs again after the next backup; a failed sweep loses nothing.
+            log.warning(
+                "retention.failed",
+                policy_id=policy_id,
+                instance_id=instance_id,
+                code=exc.code,
+                message=exc.message,
+            )
+
+
+async def poll_once(ctx: EngineContext) -> int:
+    """Poll every image in flight once and record outcomes; how many are still in flight."""
+    in_flight = 0
+    ready: set[Tracked] = set()
+    for batch in _batches(await _tracked(ctx)):
+        try:
+            count, done = await _poll_batch(ctx, batch)
+        except TencentError as exc:
+            log.warning(
+                "tracker.poll_failed",
+                account=batch[0].account,
+                region=batch[0].region,
+                code=exc.code,
+                message=exc.message,
+                request_id=exc.request_id,
+            )
+            count, done = len(batch), set()
+        in_flight += count
+        ready |= done
+    await _apply_retention(ctx, ready)
+    return in_flight
+
+
+# -- the loop ---------------------------------------------------------------------------------
+
+
+def next_interval(in_flight: int, settings: Settings) -> float:
+    """Seconds until the next poll: the max when idle, shorter as more images are in flight."""
+    low, high = settings.tracker_min_interval, settings.tracker_max_interval
+    if in_flight == 0:
+        return high
+    # More images in flight means completions arrive more often, so look sooner. A poll costs
+    # one call per 100 images; 1/sqrt grows the call rate slower than the fleet, and the
+    # client's limiter caps it at DescribeImages' limit whatever the fleet size.
+    return max(low, min(high, high / math.sqrt(in_flight)))
+
+
+async def _tracked_ids(ctx: EngineContext) -> set[str]:
+    return {t.image_id for t in await _tracked(ctx)}
+
+
+async def run(ctx: EngineContext, stop: asyncio.Event) -> None:
+    """Poll until `stop` is set: at once when new images appear, else at the adaptive interval."""
+    loop = asyncio.get_running_loop()
+    seen: set[str] = set()
+    due = loop.time()
+    while not stop.is_set():
+        try:
+            ids = await _tracked_ids(ctx)
+            if ids - seen or loop.time() >= due:
+                in_flight = await poll_once(ctx)
+                seen, due = ids, loop.time() + next_interval(in_flight, ctx.settings)
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            # The database blinked; the next tick tries again. Bugs are not caught here.
+            log.warning("tracker.poll_failed", error=repr(exc))
+        await _sleep(stop, ctx.settings.tracker_min_interval)
+
+
+async def _sleep(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)

@@ -1,0 +1,1 @@
+"""Tests of the engine parts: retention, quota rotation and the image tracker."""

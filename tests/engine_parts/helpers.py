@@ -1,0 +1,133 @@
+"""Test helpers: rows in the real schema, images made through the real simulator API."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+
+from orchestrator.context import EngineContext
+from orchestrator.simulator.runner import Simulator
+from tests.fixtures.sim import TEST_REGION
+
+ACCOUNT = "default"
+REGION = TEST_REGION
+INSTANCES = ("ins-good0001", "ins-good0002", "ins-good0003")
+FAILING = "ins-fail0001"
+NOW = datetime.now(UTC).replace(microsecond=0)
+_names = itertools.count()
+
+
+async def add_policy(pool: asyncpg.Pool, name: str = "nightly", **fields: Any) -> int:
+    """A policy on every test instance; `fields` sets retention columns and options."""
+    fields.setdefault("keep_last", 1)
+    columns = ", ".join(["name", "region", "schedule", "instance_ids", *fields])
+    marks = ", ".join(f"${i}" for i in range(1, len(fields) + 5))
+    values = [name, REGION, "0 3 * * *", [*INSTANCES, FAILING], *fields.values()]
+    sql = f"INSERT INTO policies ({columns}) VALUES ({marks}) RETURNING id"
+    return int(await pool.fetchval(sql, *values))
+
+
+async def add_job(
+    pool: asyncpg.Pool, policy_id: int, instance_id: str, image_id: str, slot: datetime
+) -> int:
+    """A job of a run at `slot` waiting for `image_id` (what the dispatcher leaves behind)."""
+    run_id = await pool.fetchval(
+        "INSERT INTO runs (policy_id, slot) VALUES ($1, $2) ON CONFLICT (policy_id, slot)"
+        " DO UPDATE SET slot = EXCLUDED.slot RETURNING id",
+        policy_id,
+        slot,
+    )
+    return int(
+        await pool.fetchval(
+            "INSERT INTO jobs (run_id, policy_id, account, region, instance_id, slot, image_name,"
+            " state, deadline, image_id) VALUES ($1, $2, $3, $4, $5, $6, $7, 'waiting_image',"
+            " $8, $9) RETURNING id",
+            run_id,
+            policy_id,
+            ACCOUNT,
+            REGION,
+            instance_id,
+            slot,
+            f"cvmbk-test-{instance_id}-{next(_names)}",
+            slot + timedelta(hours=6),
+            image_id,
+        )
+    )
+
+
+async def record_image(
+    pool: asyncpg.Pool,
+    image_id: str,
+    policy_id: int,
+    instance_id: str,
+    created_at: datetime,
+    *,
+    state: str = "NORMAL",
+) -> None:
+    """Record an image as ours, created at `created_at`."""
+    await pool.execute(
+        "INSERT INTO images (image_id, name, account, region, instance_id, policy_id, slot,"
+        " state, created_at) VALUES ($1, $1, $2, $3, $4, $5, $6, $7, $6)",
+        image_id,
+        ACCOUNT,
+        REGION,
+        instance_id,
+        policy_id,
+        created_at,
+        state,
+    )
+
+
+async def make_image(engine: EngineContext, instance_id: str) -> str:
+    """An image made through CreateImage on the simulator; its id."""
+    result = await engine.client(ACCOUNT).create_image(
+        REGION, instance_id=instance_id, name=f"test-{instance_id}-{next(_names)}"
+    )
+    assert result.image_id is not None
+    return result.image_id
+
+
+async def history(
+    engine: EngineContext, policy_id: int, instance_id: str, days: int, *, hours: int = 0
+) -> list[str]:
+    """`days` NORMAL images one day apart, the newest 1 day + `hours` old; ids oldest first."""
+    ids = []
+    for age in range(days, 0, -1):
+        image_id = await make_image(engine, instance_id)
+        created = NOW - timedelta(days=age, hours=hours)
+        await record_image(engine.pool, image_id, policy_id, instance_id, created)
+        ids.append(image_id)
+    return ids
+
+
+def alive(sim: Simulator, image_id: str) -> bool:
+    """Whether the simulator still has the image."""
+    return sim.state.images[image_id].alive
+
+
+def deleted_ids(sim: Simulator) -> list[str]:
+    """Ids deleted through DeleteImages, in order."""
+    return [d.image_id for d in sim.state.deletions]
+
+
+def foreign_alive(sim: Simulator) -> bool:
+    """The pre-existing image that is not ours is still there."""
+    return all(i.alive for i in sim.state.images.values() if not i.ours)
+
+
+async def events(pool: asyncpg.Pool, kind: str) -> list[asyncpg.Record]:
+    """Ledger rows of one kind, in order."""
+    return await pool.fetch("SELECT * FROM events WHERE kind = $1 ORDER BY id", kind)
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], within: float = 10.0) -> None:
+    """Poll `check` until true; fail after `within` seconds."""
+    async with asyncio.timeout(within):
+        # Polling on purpose: the condition lives in Postgres, no in-process event signals it.
+        while not await check():  # noqa: ASYNC110
+            await asyncio.sleep(0.02)

@@ -1,0 +1,217 @@
+"""The tracker against real Postgres and the real simulator (on a clock the test moves)."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+from structlog.testing import capture_logs
+
+from orchestrator import rotation, tracker
+from orchestrator.config import Settings
+from orchestrator.context import EngineContext
+from orchestrator.simulator.config import Faults
+from orchestrator.simulator.runner import Simulator
+from tests.engine_parts.conftest import SimClock
+from tests.engine_parts.helpers import (
+    ACCOUNT,
+    FAILING,
+    INSTANCES,
+    NOW,
+    REGION,
+    add_job,
+    add_policy,
+    alive,
+    events,
+    eventually,
+    history,
+    make_image,
+    record_image,
+)
+
+A, B, _ = INSTANCES
+LONG = (60.0, 60.0)  # seconds CREATING, until the test advances the simulator's clock
+
+
+async def _job(engine: EngineContext, job_id: int) -> dict[str, object]:
+    row = await engine.pool.fetchrow("SELECT * FROM jobs WHERE id = $1", job_id)
+    assert row is not None
+    return dict(row)
+
+
+async def test_ready_image_succeeds_its_job_and_applies_retention(
+    engine: EngineContext, simulator: Simulator, sim_clock: SimClock
+) -> None:
+    """CREATING keeps the job waiting; NORMAL succeeds it, records the image, runs retention."""
+    policy = await add_policy(engine.pool, keep_last=1)
+    [old] = await history(engine, policy, A, 1)
+    simulator.state.create_delay = LONG
+    image = await make_image(engine, A)
+    job = await add_job(engine.pool, policy, A, image, NOW)
+    assert await tracker.poll_once(engine) == 1
+    assert (await _job(engine, job))["state"] == "waiting_image"
+    sim_clock.advance(120)
+    with capture_logs() as logs:
+        assert await tracker.poll_once(engine) == 0
+    state = await _job(engine, job)
+    assert (state["state"], state["reason"]) == ("succeeded", "image_ready")
+    assert state["finished_at"] is not None
+    row = await engine.pool.fetchrow("SELECT * FROM images WHERE image_id = $1", image)
+    assert row is not None
+    assert (row["state"], row["size_gb"], row["job_id"]) == ("NORMAL", 50, job)
+    assert row["ready_at"] is not None
+    assert not alive(simulator, old)
+    names = [e["event"] for e in logs]
+    assert (
+        names.index("image.ready") < names.index("job.succeeded") < names.index("retention.deleted")
+    )
+    assert [r["image_id"] for r in await events(engine.pool, "job.succeeded")] == [image]
+
+
+async def test_createfailed_fails_the_job_and_frees_the_quota(
+    engine: EngineContext, simulator: Simulator, sim_clock: SimClock
+) -> None:
+    """CREATEFAILED: job failed with a code, the image deleted (intent first, with snapshots)."""
+    policy = await add_policy(engine.pool)
+    simulator.state.create_delay = LONG
+    image = await make_image(engine, FAILING)
+    job = await add_job(engine.pool, policy, FAILING, image, NOW)
+    await record_image(engine.pool, image, policy, FAILING, NOW, state="CREATING")
+    sim_clock.advance(120)
+    with capture_logs() as logs:
+        assert await tracker.poll_once(engine) == 0
+    state = await _job(engine, job)
+    assert (state["state"], state["last_error_code"]) == ("failed", tracker.FAILED_CODE)
+    assert "CREATEFAILED" in str(state["last_error_message"])
+    assert not alive(simulator, image)
+    assert [d.delete_binded_snap for d in simulator.state.deletions] == [True]
+    row = await engine.pool.fetchrow("SELECT * FROM images WHERE image_id = $1", image)
+    assert row is not None
+    assert row["state"] == "CREATEFAILED"
+    assert row["delete_requested_at"] <= row["deleted_at"]
+    assert [e["event"] for e in logs if e["event"].startswith(("image.", "job."))] == [
+        "image.failed",
+        "job.failed",
+        "image.deleted",
+    ]
+
+
+async def test_vanished_image_fails_its_job_after_a_grace(
+    engine: EngineContext, simulator: Simulator
+) -> None:
+    """An image DescribeImages no longer returns fails its job, once past the grace period."""
+    policy = await add_policy(engine.pool)
+    gone = await add_job(engine.pool, policy, A, "img-gone0001", NOW)
+    await record_image(engine.pool, "img-gone0001", policy, A, NOW - timedelta(hours=1))
+    fresh = await add_job(engine.pool, policy, B, "img-new00001", NOW)
+    await record_image(engine.pool, "img-new00001", policy, B, NOW + timedelta(hours=1))
+    assert await tracker.poll_once(engine) == 1
+    state = await _job(engine, gone)
+    assert (state["state"], state["last_error_code"]) == ("failed", tracker.VANISHED_CODE)
+    assert (await _job(engine, fresh))["state"] == "waiting_image"
+    row = await engine.pool.fetchrow("SELECT * FROM images WHERE image_id = 'img-gone0001'")
+    assert row is not None
+    assert (row["state"], row["delete_reason"]) == ("VANISHED", "vanished")
+    assert row["deleted_at"] is not None
+    assert simulator.state.deletions == []
+
+
+async def test_polls_in_batches_of_100(engine: EngineContext, simulator: Simulator) -> None:
+    """150 images in flight in one region take two DescribeImages calls."""
+    policy = await add_policy(engine.pool)
+    for n in range(150):
+        image_id = f"img-b{n:07d}"
+        await add_job(engine.pool, policy, A, image_id, NOW + timedelta(minutes=n))
+        await record_image(engine.pool, image_id, policy, A, NOW + timedelta(hours=1))
+    assert await tracker.poll_once(engine) == 150
+    assert simulator.state.count_calls("DescribeImages") == 2
+
+
+async def test_tracks_images_whose_job_already_ended(
+    engine: EngineContext, simulator: Simulator, sim_clock: SimClock
+) -> None:
+    """A CREATING image without a waiting job (its job expired) is still followed to NORMAL."""
+    policy = await add_policy(engine.pool)
+    simulator.state.create_delay = LONG
+    image = await make_image(engine, A)
+    await record_image(engine.pool, image, policy, A, NOW, state="CREATING")
+    assert await tracker.poll_once(engine) == 1
+    sim_clock.advance(120)
+    assert await tracker.poll_once(engine) == 0
+    assert await engine.pool.fetchval("SELECT state FROM images WHERE image_id = $1", image) == (
+        "NORMAL"
+    )
+
+
+async def test_run_follows_images_and_stops_promptly(
+    engine: EngineContext, simulator: Simulator, sim_clock: SimClock
+) -> None:
+    """The loop picks up a new image, records its outcome, and exits when stop is set."""
+    policy = await add_policy(engine.pool)
+    stop = asyncio.Event()
+    task = asyncio.create_task(tracker.run(engine, stop))
+    simulator.state.create_delay = LONG
+    image = await make_image(engine, A)
+    job = await add_job(engine.pool, policy, A, image, NOW)
+    sim_clock.advance(120)
+
+    async def succeeded() -> bool:
+        return (await _job(engine, job))["state"] == "succeeded"
+
+    await eventually(succeeded)
+    stop.set()
+    await asyncio.wait_for(task, timeout=5)
+
+
+def test_interval_adapts_to_images_in_flight() -> None:
+    """Idle: the max interval; more images in flight: shorter, never below the min."""
+    settings = Settings(tracker_min_interval=2.0, tracker_max_interval=30.0)
+    assert tracker.next_interval(0, settings) == 30.0
+    assert tracker.next_interval(1, settings) == 30.0
+    assert tracker.next_interval(100, settings) == 3.0
+    assert tracker.next_interval(100_000, settings) == 2.0
+    intervals = [tracker.next_interval(n, settings) for n in range(1, 500)]
+    assert intervals == sorted(intervals, reverse=True)
+
+
+async def test_job_expires_when_its_window_closes_mid_build(
+    engine: EngineContext, simulator: Simulator, sim_clock: SimClock
+) -> None:
+    """Past its deadline a waiting job expires; its image is still followed to NORMAL."""
+    policy = await add_policy(engine.pool)
+    simulator.state.create_delay = LONG
+    image = await make_image(engine, A)
+    job = await add_job(engine.pool, policy, A, image, NOW - timedelta(hours=7))
+    await record_image(engine.pool, image, policy, A, NOW, state="CREATING")
+    assert await tracker.poll_once(engine) == 1
+    state = await _job(engine, job)
+    assert (state["state"], state["reason"]) == ("expired", "window_closed")
+    sim_clock.advance(120)
+    assert await tracker.poll_once(engine) == 0
+    assert await engine.pool.fetchval("SELECT state FROM images WHERE image_id = $1", image) == (
+        "NORMAL"
+    )
+    assert (await _job(engine, job))["state"] == "expired"
+
+
+async def test_failed_image_delete_is_finished_by_rotation(
+    engine: EngineContext, simulator: Simulator, sim_clock: SimClock
+) -> None:
+    """The delete intent commits with the job's failure; if DeleteImages fails, rotation ends it."""
+    policy = await add_policy(engine.pool)
+    simulator.state.create_delay = LONG
+    image = await make_image(engine, FAILING)
+    job = await add_job(engine.pool, policy, FAILING, image, NOW)
+    sim_clock.advance(120)
+    simulator.set_faults(Faults(internal_error_rate=1.0), "DeleteImages")
+    assert await tracker.poll_once(engine) == 0
+    assert (await _job(engine, job))["state"] == "failed"
+    row = await engine.pool.fetchrow("SELECT * FROM images WHERE image_id = $1", image)
+    assert row is not None
+    assert row["delete_requested_at"] is not None
+    assert row["deleted_at"] is None
+    assert alive(simulator, image)
+    simulator.clear_faults()
+    result = await rotation.rotate_for_quota(engine, ACCOUNT, REGION)
+    assert result.deleted == (image,)
+    assert not alive(simulator, image)
