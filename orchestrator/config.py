@@ -59,8 +59,11 @@ class Settings:
     home: Path = field(default_factory=lambda: Path("~/.local/share/cvm-backup").expanduser())
     endpoint: str = DEFAULT_ENDPOINT
     limits: Mapping[str, int] = field(default_factory=lambda: dict(DEFAULT_LIMITS))
-    # Fraction of a limit the limiter uses, leaving room for network jitter at the server.
+    # An optional cap on the fraction of a limit the limiter may use. The spacing that keeps every
+    # one-second window at the server within the limit comes from `limiter_jitter` (seconds of
+    # network jitter allowed for); at the defaults this cap does not bind.
     rate_margin: float = 0.97
+    limiter_jitter: float = 0.02
     request_timeout: float = 30.0
     max_in_flight: int = 64
     lease_seconds: float = 30.0
