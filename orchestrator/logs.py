@@ -55,5 +55,18 @@ def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = No
 
 def get(name: str | None = None) -> Any:
     """A logger; `name` is bound as `logger`."""
-    log = structlog.get_logger()
-    return log.bind(logger=name) if name else log
+    return _Named(name) if name else structlog.get_logger()
+
+
+class _Named:
+    """Binds `logger=name` per call, so module-level loggers follow a later configure()."""
+
+    __slots__ = ("_name",)
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, method: str) -> Any:
+        # bind() on structlog's lazy proxy freezes the configuration of the moment (import
+        # time for module-level loggers); binding at each call keeps tests and `run` in sync.
+        return getattr(structlog.get_logger().bind(logger=self._name), method)

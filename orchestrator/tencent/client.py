@@ -12,7 +12,7 @@ import asyncio
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Protocol, Self
@@ -43,6 +43,11 @@ LANGUAGES = frozenset({"zh-CN", "en-US"})
 DRY_RUN_OK = "DryRunOperation"
 
 log = logs.get("tencent.client")
+
+# Told (account, action, region, code) after every HTTP attempt; code "ok" for a success.
+# Metrics count API calls through this without the client knowing about Prometheus.
+CallObserver = Callable[[str, str, str, str], None]
+OK_CODE = "ok"
 
 
 class RateLimit(Protocol):
@@ -137,9 +142,28 @@ class CvmClient:
         self._retry = retry or RetryPolicy()
         self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
+        self._observers: list[CallObserver] = []
 
     def __repr__(self) -> str:
         return f"CvmClient(account={self.account!r}, endpoint={self._endpoint!r})"
+
+    @property
+    def limiter(self) -> RateLimit | None:
+        """The limiter this client waits on (shared by the process's clients)."""
+        return self._limiter
+
+    def add_observer(self, observer: CallObserver) -> None:
+        """Tell `observer` the outcome of every HTTP attempt from now on."""
+        self._observers.append(observer)
+
+    def remove_observer(self, observer: CallObserver) -> None:
+        """Stop telling `observer` (no-op when it was not added)."""
+        if observer in self._observers:
+            self._observers.remove(observer)
+
+    def _observe(self, action: str, region: str, code: str) -> None:
+        for observer in self._observers:
+            observer(self.account, action, region, code)
 
     async def open(self) -> None:
         """Create the HTTP session (idempotent); must run inside the event loop that uses it."""
@@ -216,7 +240,15 @@ class CvmClient:
         )
         headers["X-TC-RequestClient"] = REQUEST_CLIENT
         headers["X-TC-TraceId"] = str(uuid.uuid4())
-        return await transport.post(self._session, endpoint.url, headers, payload, self._timeout)
+        try:
+            response = await transport.post(
+                self._session, endpoint.url, headers, payload, self._timeout
+            )
+        except TencentError as exc:
+            self._observe(action, region, exc.code)
+            raise
+        self._observe(action, region, OK_CODE)
+        return response
 
     def _retry_delay(self, action: str, exc: TencentError, tally: _Tally) -> float | None:
         """The wait before retrying after `exc`, or None to give up; counts the retry."""

@@ -1,0 +1,66 @@
+"""`cvm-backup migrate` and `cvm-backup check`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from typing import Any
+
+from orchestrator import config
+
+
+def register(subparsers: Any) -> None:
+    """Add the database commands."""
+    migrate = subparsers.add_parser("migrate", help="apply pending database migrations")
+    migrate.set_defaults(handler=run_migrate)
+    check = subparsers.add_parser(
+        "check", help="health: database reachable and schema current (exit 0/1)"
+    )
+    check.set_defaults(handler=run_check)
+
+
+async def _migrate() -> int:
+    from orchestrator.db import migrate, pool
+
+    conn = await pool.connect(config.load())
+    try:
+        applied = await migrate.migrate(conn)
+        status = await migrate.schema_status(conn)
+    finally:
+        await conn.close()
+    for migration in applied:
+        print(f"applied {migration.label}")
+    print(f"{'migrated' if applied else 'nothing to do'}: {status.describe()}")
+    return 0
+
+
+def run_migrate(args: argparse.Namespace) -> int:
+    """Apply pending migrations; exit 0, or 2 when the database is newer than the code."""
+    return asyncio.run(_migrate())
+
+
+async def _check() -> tuple[bool, list[str]]:
+    from orchestrator.db import dsn, migrate, pool
+
+    settings = config.load()
+    where = dsn.redact(settings.database_url) if settings.database_url else "embedded"
+    try:
+        conn = await pool.connect(settings)
+    except pool.DatabaseUnavailable as exc:
+        return False, [f"database: FAIL: {exc}"]
+    try:
+        status = await migrate.schema_status(conn)
+    finally:
+        await conn.close()
+    lines = [
+        f"database: ok ({where})",
+        f"schema: {'ok' if status.current else 'FAIL'}: {status.describe()}",
+    ]
+    return status.current, lines
+
+
+def run_check(args: argparse.Namespace) -> int:
+    """Report database reachability and schema state; exit 0 when healthy, else 1."""
+    healthy, lines = asyncio.run(_check())
+    print("\n".join(lines))
+    return 0 if healthy else 1

@@ -1,0 +1,288 @@
+"""The daemon: wires scheduler, dispatcher, heartbeat and tracker; signals; graceful stop; --once.
+
+Signals only set events (style anchors §6.6). The first SIGTERM/SIGINT stops claiming, gives
+in-flight calls `shutdown_grace` seconds, releases the leases of whatever did not finish and
+exits 0; a second one exits at once (leases then lapse and the jobs are reclaimed, which is
+exactly what a crash does). Every background task is supervised: one that dies stops the
+daemon with a clear error instead of leaving it hanging half-alive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+
+from orchestrator import jobs, logs
+from orchestrator.config import Settings
+from orchestrator.context import EngineContext
+from orchestrator.dispatcher import DB_BLIPS, Dispatcher
+from orchestrator.scheduler import Scheduler
+
+log = logs.get("daemon")
+
+EXIT_OK = 0
+EXIT_JOBS_FAILED = 1  # DESIGN §4: some job ended failed or expired
+EXIT_TASK_DIED = 1  # a background task died: non-zero, with daemon.task_failed logged
+EXIT_FORCED = 128 + signal.SIGTERM
+# How often --once checks whether everything is drained, and completed runs are swept.
+_SWEEP_INTERVAL = 0.2
+
+
+def worker_id() -> str:
+    """A lease owner unique to this process: host, pid and a random suffix."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
+@asynccontextmanager
+async def engine_context(settings: Settings, pool: asyncpg.Pool) -> AsyncIterator[EngineContext]:
+    """One API client per configured account, sharing one limiter; closed on exit."""
+    from orchestrator.limiter import Limiters
+    from orchestrator.tencent.client import CvmClient
+    from orchestrator.tencent.credentials import default_chain
+
+    limiters = Limiters.from_settings(settings)
+    async with AsyncExitStack() as stack:
+        clients = {}
+        for account in settings.accounts:
+            client = CvmClient(
+                credentials=default_chain(account),
+                endpoint=settings.endpoint,
+                limiter=limiters,
+                account=account.name,
+                timeout=settings.request_timeout,
+            )
+            clients[account.name] = await stack.enter_async_context(client)
+        yield EngineContext(pool=pool, clients=clients, settings=settings, worker_id=worker_id())
+
+
+@asynccontextmanager
+async def open_pool(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
+    """The pool, after checking the schema is exactly current (refuse to start otherwise)."""
+    from orchestrator.db import migrate, pool
+
+    conn = await pool.connect(settings)
+    try:
+        await migrate.ensure_current(conn)
+    finally:
+        await conn.close()
+    # Jobs in flight each hold a connection briefly; the scheduler holds one for LISTEN.
+    size = max(10, min(settings.max_in_flight // 4, 40))
+    db_pool = await pool.connect_pool(settings, max_size=size)
+    try:
+        yield db_pool
+    finally:
+        await db_pool.close()
+
+
+@dataclass
+class Signals:
+    """What signal handlers set: `stop` on the first signal, `force` on the second."""
+
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    force: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def received(self) -> None:
+        """Signal handler body: only sets events."""
+        (self.force if self.stop.is_set() else self.stop).set()
+
+    def install(self) -> None:
+        """Handle SIGTERM and SIGINT in the running loop."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.received)
+
+    def uninstall(self) -> None:
+        """Restore default handling."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+class Engine:
+    """One running engine: its loops, their supervision and the graceful stop."""
+
+    def __init__(
+        self, ctx: EngineContext, signals: Signals, *, once: bool = False, run_id: int | None = None
+    ) -> None:
+        self.ctx = ctx
+        self.signals = signals
+        self.once = once
+        self.run_id = run_id
+        self.started_at = datetime.now(UTC)
+        self.dispatcher = Dispatcher(ctx, run_id=run_id)
+        self.scheduler = Scheduler(ctx, on_created=self.dispatcher.wake)
+        self._beat_stop = asyncio.Event()
+        self._failed: list[str] = []
+
+    async def run(self) -> int:
+        """Run until stopped (or drained with `once`); the process exit code."""
+        stop = self.signals.stop
+        log.info(
+            "daemon.started",
+            worker=self.ctx.worker_id,
+            once=self.once,
+            accounts=sorted(self.ctx.clients),
+            max_in_flight=self.ctx.settings.max_in_flight,
+        )
+        if self.once and self.run_id is None:
+            await self.scheduler.pass_once()
+        loops = self._loops(stop)
+        beat = asyncio.create_task(
+            self._supervised("heartbeat", self.dispatcher.heartbeat, self._beat_stop),
+            name="heartbeat",
+        )
+        force = asyncio.create_task(self._force_exit(), name="force")
+        try:
+            # Supervised tasks set `stop` themselves when they die, so this is the only wait.
+            await stop.wait()
+            log.info("daemon.stopping", reason=self._stop_reason())
+            await self._wind_down(loops, beat)
+        finally:
+            # Normally all done by now; when run() itself is cancelled, take every task down too.
+            for task in (force, beat, *loops):
+                task.cancel()
+            self.dispatcher.cancel_all()
+        return await self._exit_code()
+
+    def _loops(self, stop: asyncio.Event) -> list[asyncio.Task[None]]:
+        from orchestrator import tracker
+
+        made: list[tuple[str, Callable[[asyncio.Event], Awaitable[None]]]] = [
+            ("dispatcher", self.dispatcher.run),
+            ("tracker", lambda s: tracker.run(self.ctx, s)),
+            ("sweeper", self._sweep),
+        ]
+        if not self.once:
+            made.append(("scheduler", self.scheduler.run))
+        if self.ctx.settings.metrics_address:
+            made.append(("health", self._health))
+        return [
+            asyncio.create_task(self._supervised(name, fn, stop), name=name) for name, fn in made
+        ]
+
+    async def _health(self, stop: asyncio.Event) -> None:
+        from orchestrator import health
+
+        def ready() -> bool:
+            return not self._failed and not self.signals.stop.is_set()
+
+        await health.run(self.ctx, self.ctx.settings, ready, stop)
+
+    async def _supervised(
+        self, name: str, fn: Callable[[asyncio.Event], Awaitable[None]], until: asyncio.Event
+    ) -> None:
+        try:
+            await fn(until)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._failed.append(name)
+            log.exception("daemon.task_failed", task=name, error=repr(exc))
+            self.signals.stop.set()
+            return
+        if not until.is_set():
+            self._failed.append(name)
+            log.error("daemon.task_failed", task=name, error="returned while the daemon ran")
+            self.signals.stop.set()
+
+    def _stop_reason(self) -> str:
+        if self._failed:
+            return f"task failed: {', '.join(self._failed)}"
+        return "drained" if self.once else "signal"
+
+    async def _wind_down(self, loops: list[asyncio.Task[None]], beat: asyncio.Task[None]) -> None:
+        clock = asyncio.get_running_loop()
+        deadline = clock.time() + self.ctx.settings.shutdown_grace
+        # Loops see `stop` and return at their next await; in-flight calls get what is left of
+        # the grace period, then are cancelled and their leases released.
+        _, late = await asyncio.wait(loops, timeout=self.ctx.settings.shutdown_grace)
+        for task in late:
+            task.cancel()
+        await asyncio.gather(*loops, return_exceptions=True)
+        released = await self.dispatcher.shutdown(max(deadline - clock.time(), 0.0))
+        self._beat_stop.set()
+        await asyncio.gather(beat, return_exceptions=True)
+        try:
+            await self._complete_runs()
+        except (asyncpg.PostgresError, *DB_BLIPS) as exc:
+            # The next daemon's sweeper completes them; stopping cleanly matters more.
+            log.warning("sweeper.db_error", error=repr(exc))
+        log.info("daemon.stopped", released=len(released), failed_tasks=self._failed)
+
+    async def _force_exit(self) -> None:
+        await self.signals.force.wait()
+        log.error("daemon.killed", reason="second signal: exiting at once")
+        sys.stderr.flush()
+        os._exit(EXIT_FORCED)
+
+    async def _sweep(self, stop: asyncio.Event) -> None:
+        """Complete finished runs; with --once, stop when no live job is left."""
+        while not stop.is_set():
+            try:
+                await self._complete_runs()
+                if self.once and await self._drained():
+                    stop.set()
+                    return
+            except DB_BLIPS as exc:
+                log.warning("sweeper.db_error", error=repr(exc))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=_SWEEP_INTERVAL)
+
+    async def _drained(self) -> bool:
+        if self.dispatcher.in_flight:
+            return False
+        paused = sorted(self.dispatcher.paused)
+        return await jobs.live_count(self.ctx.pool, paused, run_id=self.run_id) == 0
+
+    async def _complete_runs(self) -> None:
+        for row in await jobs.complete_runs(self.ctx.pool):
+            log.info(
+                "run.completed",
+                run=row["id"],
+                policy_id=row["policy_id"],
+                slot=row["slot"].isoformat(),
+                jobs=row["tally"] or {},
+            )
+
+    async def _exit_code(self) -> int:
+        if self._failed:
+            return EXIT_TASK_DIED
+        if not self.once:
+            return EXIT_OK
+        # A drained run counts as a whole; a daemon pass counts what finished while it ran.
+        bad = await self.ctx.pool.fetchval(
+            "SELECT count(*) FROM jobs WHERE state IN ('failed', 'expired')"
+            " AND CASE WHEN $2::bigint IS NULL THEN finished_at >= $1 ELSE run_id = $2 END",
+            self.started_at,
+            self.run_id,
+        )
+        stuck = bool(self.dispatcher.paused)
+        return EXIT_JOBS_FAILED if int(bad or 0) or stuck else EXIT_OK
+
+
+async def run(settings: Settings, *, once: bool = False, run_id: int | None = None) -> int:
+    """Run the daemon (or drain once) with real signals; returns the exit code."""
+    signals = Signals()
+    signals.install()
+    try:
+        async with open_pool(settings) as pool, engine_context(settings, pool) as ctx:
+            return await Engine(ctx, signals, once=once, run_id=run_id).run()
+    finally:
+        signals.uninstall()
+
+
+def main(make: Callable[[], Coroutine[Any, Any, int]]) -> int:
+    """asyncio.run for command handlers."""
+    return asyncio.run(make())

@@ -1,0 +1,83 @@
+"""Connections: resolve the DSN (configured or embedded) and open pools with our codecs.
+
+Every connection gets JSON codecs for `json` and `jsonb`: pass Python dicts and lists as
+parameters and get them back as Python objects (not JSON strings).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import asyncpg
+
+from orchestrator.config import Settings
+from orchestrator.db import embedded
+from orchestrator.db.dsn import redact
+from orchestrator.errors import UsageError
+
+CONNECT_TIMEOUT = 10.0
+
+
+class DatabaseUnavailable(UsageError):
+    """The database cannot be reached; the message names the (redacted) DSN."""
+
+
+def resolve_dsn(settings: Settings) -> str:
+    """The configured DSN, else the embedded server's (started on demand; blocking)."""
+    if settings.database_url:
+        return settings.database_url
+    return embedded.dsn(settings.home)
+
+
+async def init_connection(conn: asyncpg.Connection) -> None:
+    """Per-connection setup shared by pools, single connections and test fixtures."""
+    for typename in ("json", "jsonb"):
+        await conn.set_type_codec(
+            typename, encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
+        )
+
+
+def _unavailable(dsn: str, exc: BaseException) -> DatabaseUnavailable:
+    # asyncpg messages carry host and port, never the password; the DSN is redacted here.
+    return DatabaseUnavailable(f"database {redact(dsn)} is unreachable: {exc}")
+
+
+async def connect_dsn(dsn: str) -> asyncpg.Connection:
+    """One connection with our codecs; unreachable -> DatabaseUnavailable."""
+    try:
+        conn = await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT)
+    except (OSError, asyncio.TimeoutError, asyncpg.PostgresError) as exc:
+        raise _unavailable(dsn, exc) from None
+    await init_connection(conn)
+    return conn
+
+
+async def connect(settings: Settings) -> asyncpg.Connection:
+    """One connection (for migrations, LISTEN, one-shot commands)."""
+    dsn = await asyncio.to_thread(resolve_dsn, settings)
+    return await connect_dsn(dsn)
+
+
+async def create_pool_dsn(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
+    """A pool with our codecs; unreachable -> DatabaseUnavailable."""
+    try:
+        pool: Any = await asyncpg.create_pool(
+            dsn,
+            min_size=min_size,
+            max_size=max_size,
+            init=init_connection,
+            timeout=CONNECT_TIMEOUT,
+        )
+    except (OSError, asyncio.TimeoutError, asyncpg.PostgresError) as exc:
+        raise _unavailable(dsn, exc) from None
+    return pool  # type: ignore[no-any-return]
+
+
+async def connect_pool(
+    settings: Settings, *, min_size: int = 1, max_size: int = 10
+) -> asyncpg.Pool:
+    """A pool on the configured database, or on the embedded one when no DSN is set."""
+    dsn = await asyncio.to_thread(resolve_dsn, settings)
+    return await create_pool_dsn(dsn, min_size=min_size, max_size=max_size)

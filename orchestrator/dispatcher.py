@@ -1,0 +1,577 @@
+"""The dispatcher: claim due jobs, call CreateImage, classify the answer, record the outcome.
+
+One job is three steps (style anchors §6.1): `claim` (one SQL statement, `jobs.claim`), `call`
+(resolve a possible earlier image by name, then CreateImage) and `record` (one transaction: the
+job's new state plus a ledger row). The rate is bounded by the client's limiter; how many calls
+are in flight at once is bounded separately by a semaphore.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Collection, Sequence
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import structlog
+
+from orchestrator import backoff, jobs, logs, naming
+from orchestrator.context import EngineContext
+from orchestrator.jobs import Job
+from orchestrator.tencent.errors import ErrorClass, TencentError
+from orchestrator.tencent.models import CreateImageResult, Image
+
+log = logs.get("dispatcher")
+
+# A success without ImageId (seed 002) is looked up by name; the image may take a moment to show.
+_LEGACY_LOOKUPS = 3
+_LEGACY_LOOKUP_DELAY = 0.5
+# Connection-level database failures a loop survives (and logs); anything else is a bug.
+DB_BLIPS = (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _error(exc: TencentError) -> tuple[str, str, str | None]:
+    return exc.code, exc.message, exc.request_id
+
+
+class Dispatcher:
+    """Claims and runs jobs for one process; `run` is the loop, `shutdown` the graceful stop."""
+
+    def __init__(
+        self,
+        ctx: EngineContext,
+        *,
+        run_id: int | None = None,
+        held: Callable[[], Collection[str]] | None = None,
+    ) -> None:
+        self.ctx = ctx
+        self.run_id = run_id  # restrict to one run (backup-now --wait); None: every run
+        # The accounts whose lease this replica holds (orchestrator.accounts); None: all of them.
+        self.held = held
+        self.paused: set[str] = set()
+        self.wake = asyncio.Event()
+        self._in_flight: dict[int, asyncio.Task[None]] = {}
+        self._slots = asyncio.Semaphore(ctx.settings.max_in_flight)
+
+    @property
+    def in_flight(self) -> Sequence[int]:
+        """Ids of the jobs this process is working on right now."""
+        return list(self._in_flight)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Claim and start due jobs until `stop` is set."""
+        while not stop.is_set():
+            try:
+                started = await self.dispatch_once(stop)
+                if started == 0 and not stop.is_set():
+                    await self._idle(stop)
+            except DB_BLIPS as exc:
+                # The database blinked: claim again shortly. Bugs are not caught here.
+                log.warning("dispatcher.db_error", error=repr(exc))
+                await _pause(stop, self.ctx.settings.poll_interval)
+
+    async def dispatch_once(self, stop: asyncio.Event) -> int:
+        """Claim as many due jobs as there are free slots and start them; how many started."""
+        wanted = await self._take_slots(stop)
+        if wanted == 0:
+            return 0
+        claimed = await jobs.claim(
+            self.ctx.pool,
+            self.ctx.worker_id,
+            wanted,
+            self.ctx.settings.lease_seconds,
+            paused=sorted(self.paused),
+            run_id=self.run_id,
+            accounts=self._accounts(),
+        )
+        for _ in range(wanted - len(claimed)):
+            self._slots.release()
+        for job in claimed:
+            task = asyncio.create_task(self._guarded(job), name=f"job-{job.id}")
+            self._in_flight[job.id] = task
+        return len(claimed)
+
+    def _accounts(self) -> Collection[str] | None:
+        return None if self.held is None else self.held()
+
+    def _drives(self, account: str) -> bool:
+        """Whether this replica may call the account's API now (not paused, lease held)."""
+        held = self._accounts()
+        return account not in self.paused and (held is None or account in held)
+
+    async def _take_slots(self, stop: asyncio.Event) -> int:
+        # Block for one slot (the in-flight bound), then take every other free one at once.
+        acquired = asyncio.ensure_future(self._slots.acquire())
+        stopped = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({acquired, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        if not acquired.done() or acquired.cancelled():
+            acquired.cancel()
+            return 0
+        if stop.is_set():
+            self._slots.release()
+            return 0
+        taken = 1
+        while not self._slots.locked():
+            await self._slots.acquire()
+            taken += 1
+        return taken
+
+    async def _idle(self, stop: asyncio.Event) -> None:
+        # Sleep until the next job is due, a poll interval passes, or someone wakes us.
+        self.wake.clear()  # before the query, so a wake-up during it is not lost
+        due = await jobs.next_due(self.ctx.pool, sorted(self.paused), self._accounts())
+        timeout = self.ctx.settings.poll_interval
+        if due is not None:
+            timeout = min(timeout, max((due - _now()).total_seconds(), 0.01))
+        waiters = {asyncio.ensure_future(self.wake.wait()), asyncio.ensure_future(stop.wait())}
+        _, pending = await asyncio.wait(
+            waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+        for waiter in pending:
+            waiter.cancel()
+
+    async def heartbeat(self, stop: asyncio.Event) -> None:
+        """Renew the leases of jobs in flight in one batched UPDATE, three times per lease."""
+        interval = self.ctx.settings.lease_seconds / 3
+        while not stop.is_set():
+            await _pause(stop, interval)
+            try:
+                await self.renew()
+            except DB_BLIPS as exc:
+                # Leases are three beats long: one missed beat loses nothing.
+                log.warning("heartbeat.db_error", error=repr(exc))
+
+    async def renew(self) -> None:
+        """One heartbeat beat."""
+        if self._in_flight:
+            ids = list(self._in_flight)
+            lease = self.ctx.settings.lease_seconds
+            await jobs.renew(self.ctx.pool, self.ctx.worker_id, ids, lease)
+
+    async def shutdown(self, grace: float) -> list[int]:
+        """Let in-flight jobs finish within `grace`, cancel the rest and release their leases."""
+        tasks = list(self._in_flight.values())
+        if tasks:
+            await asyncio.wait(tasks, timeout=grace)
+        unfinished = [job_id for job_id, task in self._in_flight.items() if not task.done()]
+        for job_id in unfinished:
+            self._in_flight[job_id].cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if unfinished:
+            await jobs.release(self.ctx.pool, self.ctx.worker_id, unfinished)
+            log.warning("job.released", jobs=unfinished, reason="shutdown")
+        return unfinished
+
+    def cancel_all(self) -> None:
+        """Cancel every job task at once (the engine itself was cancelled)."""
+        for task in self._in_flight.values():
+            task.cancel()
+
+    async def _guarded(self, job: Job) -> None:
+        try:
+            with structlog.contextvars.bound_contextvars(
+                policy=job.policy_name,
+                instance=job.instance_id,
+                job=job.id,
+                attempt=job.attempts + 1,
+            ):
+                await self._process(job)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # one broken job must not stop the others
+            # The lease lapses and the job is reclaimed; a 'creating' one is resolved by name.
+            log.exception("job.error", job=job.id)
+        finally:
+            self._in_flight.pop(job.id, None)
+            self._slots.release()
+
+    # -- call --------------------------------------------------------------------------------
+
+    async def _process(self, job: Job) -> None:
+        log.info("job.claimed", state=job.state, region=job.region, account=job.account)
+        if not self._drives(job.account):
+            # Paused, or the account's lease was lost between the claim and now.
+            await self._release_paused(job)
+            return
+        if not job.enabled:
+            await self._finish(job, "skipped", reason="policy_disabled")
+            return
+        if job.state == "creating" and not await self._resolve_earlier(job):
+            return
+        if _now() >= job.deadline:
+            await self._finish(job, "expired", reason="window_closed")
+            return
+        await self._create(job)
+
+    async def _resolve_earlier(self, job: Job) -> bool:
+        """A call may have been made before: look the name up first; True to go on creating."""
+        try:
+            found = await self._lookup(job)
+        except TencentError as exc:
+            await self._on_error(job, exc, maybe_created=True, action="DescribeImages")
+            return False
+        if found is not None:
+            await self._adopt(job, found, how="resolved_by_name")
+            return False
+        return True
+
+    async def _lookup(self, job: Job) -> Image | None:
+        images = await self.ctx.client(job.account).find_images_by_name(job.region, job.image_name)
+        # Names are unique per region, so at most one; prefer the one carrying our tags.
+        ours = [i for i in images if naming.is_ours(i.tags)]
+        return next(iter(ours or images), None)
+
+    async def _create(self, job: Job) -> None:
+        client = self.ctx.client(job.account)
+        try:
+            disks = await self._data_disks(job)
+        except TencentError as exc:
+            await self._on_error(job, exc, maybe_created=False, action="DescribeInstances")
+            return
+        if disks is None:
+            await self._finish(job, "skipped", reason="instance_gone")
+            return
+        if not await self._mark_creating(job):
+            return
+        log.info("job.dispatched", image_name=job.image_name)
+        try:
+            result = await client.create_image(
+                job.region,
+                instance_id=job.instance_id,
+                name=job.image_name,
+                description=naming.description(job.policy_name, job.instance_id, job.slot),
+                force_poweroff=job.force_poweroff,
+                sysprep=job.sysprep,
+                data_disk_ids=disks,
+                tags=naming.ours_tags(job.policy_name, job.instance_id, job.slot),
+            )
+        except TencentError as exc:
+            # Only a transient failure leaves the outcome unknown; any other answer is a refusal.
+            transient = exc.error_class is ErrorClass.TRANSIENT
+            await self._on_error(job, exc, maybe_created=transient, action="CreateImage")
+            return
+        await self._on_created(job, result)
+
+    async def _data_disks(self, job: Job) -> tuple[str, ...] | None:
+        """DataDiskIds for a whole-machine image; None when the instance no longer exists."""
+        if not job.include_data_disks:
+            return ()
+        client = self.ctx.client(job.account)
+        found = [i async for i in client.iter_instances(job.region, instance_ids=[job.instance_id])]
+        return found[0].data_disk_ids if found else None
+
+    async def _mark_creating(self, job: Job) -> bool:
+        async with self.ctx.pool.acquire() as conn:
+            ok = await jobs.mark_creating(conn, job, self.ctx.worker_id)
+        if not ok:
+            log.warning("job.lease_lost", step="mark_creating")
+        return ok
+
+    # -- record ------------------------------------------------------------------------------
+
+    async def _on_created(self, job: Job, result: CreateImageResult) -> None:
+        if result.image_id is not None:
+            await self._record_image(job, result.image_id, "CREATING", result.request_id, "created")
+            return
+        # The older API answers without ImageId: the name says which image it made.
+        for attempt in range(_LEGACY_LOOKUPS):
+            found = await self._lookup(job)
+            if found is not None:
+                await self._record_image(
+                    job, found.image_id, found.state, result.request_id, "created_no_id"
+                )
+                return
+            await asyncio.sleep(_LEGACY_LOOKUP_DELAY * (attempt + 1))
+        when = backoff.next_attempt(
+            _now(),
+            1,
+            self.ctx.settings.retry.transient_base,
+            self.ctx.settings.retry.max_delay,
+            job.deadline,
+        )
+        await self._retry(
+            job,
+            when,
+            "creating",
+            count=False,
+            error=None,
+            outcome="created_not_visible",
+            request_id=result.request_id,
+        )
+
+    async def _adopt(self, job: Job, image: Image, *, how: str) -> None:
+        log.info("image.adopted", image_id=image.image_id, image_state=image.state, how=how)
+        await self._record_image(job, image.image_id, image.state, None, how)
+
+    async def _record_image(
+        self, job: Job, image_id: str, state: str, request_id: str | None, outcome: str
+    ) -> None:
+        async with self.ctx.pool.acquire() as conn, conn.transaction():
+            ok = await jobs.record_image(
+                conn, job, self.ctx.worker_id, image_id, state, request_id=request_id
+            )
+            if ok:
+                await jobs.event(
+                    conn,
+                    "job.attempt",
+                    job,
+                    image_id=image_id,
+                    outcome=outcome,
+                    attempt=job.attempts + 1,
+                    request_id=request_id,
+                )
+        if not ok:
+            log.warning("job.lease_lost", step="record_image", image_id=image_id)
+        elif outcome != "resolved_by_name":
+            log.info("image.created", image_id=image_id, request_id=request_id, outcome=outcome)
+
+    async def _on_error(
+        self, job: Job, exc: TencentError, *, maybe_created: bool, action: str
+    ) -> None:
+        error_class = exc.error_class
+        log.info(
+            "job.api_error",
+            action=action,
+            code=exc.code,
+            error_class=str(error_class),
+            request_id=exc.request_id,
+        )
+        handler = {
+            ErrorClass.THROTTLED: self._on_throttled,
+            ErrorClass.BUSY: self._on_busy,
+            ErrorClass.TRANSIENT: self._on_transient,
+            ErrorClass.QUOTA: self._on_quota,
+            ErrorClass.ALREADY_DONE: self._on_duplicate,
+            ErrorClass.ACCOUNT: self._on_account,
+            ErrorClass.GONE: self._on_gone,
+            ErrorClass.PERMANENT: self._on_permanent,
+        }[error_class]
+        await handler(job, exc, maybe_created)
+
+    async def _on_throttled(self, job: Job, exc: TencentError, maybe_created: bool) -> None:
+        # The limiter already slowed down; a throttled call was not executed: not an attempt.
+        when = _now() + _seconds(self.ctx.settings.retry.throttle_delay)
+        state = "creating" if maybe_created or job.state == "creating" else "pending"
+        await self._retry(job, min(when, job.deadline), state, count=False, error=exc)
+
+    async def _on_busy(self, job: Job, exc: TencentError, maybe_created: bool) -> None:
+        await self._backoff(job, exc, ErrorClass.BUSY, "pending")
+
+    async def _on_transient(self, job: Job, exc: TencentError, maybe_created: bool) -> None:
+        state = "creating" if maybe_created or job.state == "creating" else "pending"
+        failures = await self._transient_failures(job) + 1
+        if failures < self.ctx.settings.retry.max_transient_attempts:
+            await self._backoff(job, exc, ErrorClass.TRANSIENT, state)
+            return
+        # Out of budget; a call that may have worked is checked one last time before failing.
+        if state == "creating" and await self._adopt_if_found(job):
+            return
+        await self._finish(job, "failed", reason="retries_exhausted", error=exc, count=True)
+
+    async def _on_quota(self, job: Job, exc: TencentError, maybe_created: bool) -> None:
+        if job.on_quota != "rotate":
+            await self._finish(job, "failed", reason="quota_full", error=exc, count=True)
+            return
+        from orchestrator import rotation
+
+        result = await rotation.rotate_for_quota(self.ctx, job.account, job.region)
+        if result.freed > 0:
+            await self._retry(job, _now(), "pending", count=False, error=exc, outcome="rotated")
+        elif result.exhausted and await self._exhaustion_confirmed(job):
+            await self._finish(job, "failed", reason="quota_exhausted", error=exc, count=True)
+        else:
+            # Our images still being built will make older ones evictable: wait for them.
+            outcome = "quota_exhausted_unconfirmed" if result.exhausted else "quota_wait"
+            await self._backoff(job, exc, ErrorClass.TRANSIENT, "pending", outcome=outcome)
+
+    async def _exhaustion_confirmed(self, job: Job) -> bool:
+        """Fail on exhaustion only when nothing is in flight and it was seen once before."""
+        # The rotation's picture is taken under its lock; jobs move meanwhile (a call answered,
+        # an image adopted), so one more look and one more try close the race cheaply.
+        found = await self.ctx.pool.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM jobs WHERE account = $1 AND region = $2 AND id <> $3"
+            "               AND state IN ('creating', 'waiting_image'))"
+            " OR EXISTS (SELECT 1 FROM images WHERE account = $1 AND region = $2"
+            "            AND deleted_at IS NULL AND state = 'CREATING')"
+            " OR NOT EXISTS (SELECT 1 FROM events WHERE job_id = $3 AND kind = 'job.attempt'"
+            "                AND details->>'outcome' = 'quota_exhausted_unconfirmed')",
+            job.account,
+            job.region,
+            job.id,
+        )
+        return not found
+
+    async def _on_duplicate(self, job: Job, exc: TencentError, maybe_created: bool) -> None:
+        # "Already created": adopt that image, never make another (DESIGN §2.1).
+        if await self._adopt_if_found(job):
+            return
+        await self._backoff(job, exc, ErrorClass.TRANSIENT, "creating", outcome="duplicate_unseen")
+
+    async def _on_account(self, job: Job, exc: TencentError, maybe_created: bool) -> None:
+        await self._finish(job, "failed", reason="account_error", error=exc, count=True)
+        if job.account not in self.paused:
+            self.paused.add(job.account)
+            log.error(
+                "account.paused",
+                account=job.account,
+                code=exc.code,
+                message=exc.message,
+                request_id=exc.request_id,
+                hint="fix the account (balance, credentials, permissions) and restart",
+            )
+
+    async def _on_gone(self, job: Job, exc: TencentError, maybe_created: bool) -> None:
+        await self._finish(job, "skipped", reason="instance_gone", error=exc)
+
+    async def _on_permanent(self, job: Job, exc: TencentError, maybe_created: bool) -> None:
+        await self._finish(job, "failed", reason="permanent_error", error=exc, count=True)
+
+    async def _adopt_if_found(self, job: Job) -> bool:
+        try:
+            found = await self._lookup(job)
+        except TencentError:
+            return False
+        if found is None:
+            return False
+        await self._adopt(job, found, how="resolved_by_name")
+        return True
+
+    async def _transient_failures(self, job: Job) -> int:
+        value = await self.ctx.pool.fetchval(
+            "SELECT count(*) FROM events WHERE job_id = $1 AND kind = 'job.attempt'"
+            " AND details->>'error_class' = 'transient'",
+            job.id,
+        )
+        return int(value or 0)
+
+    async def _backoff(
+        self,
+        job: Job,
+        exc: TencentError,
+        error_class: ErrorClass,
+        state: str,
+        outcome: str = "retry",
+    ) -> None:
+        retry = self.ctx.settings.retry
+        base = backoff.base_for(error_class, retry)
+        when = backoff.next_attempt(_now(), job.attempts + 1, base, retry.max_delay, job.deadline)
+        await self._retry(job, when, state, count=True, error=exc, outcome=outcome)
+
+    async def _retry(
+        self,
+        job: Job,
+        when: datetime,
+        state: str,
+        *,
+        count: bool,
+        error: TencentError | None,
+        outcome: str = "retry",
+        request_id: str | None = None,
+    ) -> None:
+        err = _error(error) if error else None
+        async with self.ctx.pool.acquire() as conn, conn.transaction():
+            ok = await jobs.retry_later(
+                conn,
+                job,
+                self.ctx.worker_id,
+                when=when,
+                state=state,
+                count_attempt=count,
+                error=err,
+            )
+            if ok:
+                await self._ledger(conn, job, outcome, error, request_id, counted=count)
+        if ok:
+            log.info(
+                "job.retry_scheduled",
+                next_attempt_at=when.isoformat(),
+                state=state,
+                code=error.code if error else None,
+                outcome=outcome,
+                counted=count,
+                delay=round((when - _now()).total_seconds(), 3),
+            )
+        else:
+            log.warning("job.lease_lost", step="retry")
+
+    async def _finish(
+        self,
+        job: Job,
+        state: str,
+        *,
+        reason: str,
+        error: TencentError | None = None,
+        count: bool = False,
+    ) -> None:
+        err = _error(error) if error else None
+        async with self.ctx.pool.acquire() as conn, conn.transaction():
+            ok = await jobs.finish(
+                conn, job, self.ctx.worker_id, state, reason=reason, error=err, count_attempt=count
+            )
+            if ok:
+                kind = "job.attempt" if error else f"job.{state}"
+                await self._ledger(
+                    conn, job, state, error, None, counted=count, reason=reason, kind=kind
+                )
+        if not ok:
+            log.warning("job.lease_lost", step="finish")
+            return
+        level = log.error if state == "failed" else log.warning if state == "expired" else log.info
+        level(
+            f"job.{state}",
+            reason=reason,
+            code=error.code if error else None,
+            message=error.message if error else None,
+            request_id=error.request_id if error else None,
+        )
+
+    async def _ledger(
+        self,
+        conn: object,
+        job: Job,
+        outcome: str,
+        error: TencentError | None,
+        request_id: str | None,
+        *,
+        counted: bool,
+        reason: str | None = None,
+        kind: str = "job.attempt",
+    ) -> None:
+        await jobs.event(
+            conn,
+            kind,
+            job,
+            outcome=outcome,
+            reason=reason,
+            attempt=job.attempts + 1,
+            counted=counted,
+            code=error.code if error else None,
+            message=error.message if error else None,
+            error_class=str(error.error_class) if error else None,
+            request_id=(error.request_id if error else None) or request_id,
+        )
+
+    async def _release_paused(self, job: Job) -> None:
+        await self._retry(
+            job,
+            _now() + _seconds(self.ctx.settings.poll_interval),
+            "creating" if job.state == "creating" else "pending",
+            count=False,
+            error=None,
+            outcome="account_paused",
+        )
+
+
+async def _pause(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=seconds)
+
+
+def _seconds(value: float) -> timedelta:
+    return timedelta(seconds=value)

@@ -1,0 +1,285 @@
+"""Job-state SQL: claim under a lease, heartbeat, and every transition the dispatcher records.
+
+Every write after the claim is guarded by `lease_owner = $me`: a worker whose lease was taken
+over (it stalled past `lease_seconds`) must not overwrite what the new owner decided. Such a
+write changes nothing and returns False; the caller drops the job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+LIVE_STATES = ("pending", "claimed", "creating", "waiting_image")
+TERMINAL_STATES = ("succeeded", "failed", "expired", "skipped")
+
+# One statement claims due jobs and reclaims jobs whose lease expired (their owner died), so no
+# separate reaper is needed (style anchors §6.3).
+_CLAIM = """
+WITH due AS (
+    -- Due: released jobs whose retry time has come, or held jobs whose owner stopped renewing.
+    -- 'creating' survives a release on purpose: its next owner resolves the name first.
+    SELECT id FROM jobs
+    WHERE state IN ('pending', 'claimed', 'creating')
+      AND ((lease_owner IS NULL AND next_attempt_at <= now()) OR lease_expires_at < now())
+      AND account <> ALL($3::text[])
+      AND ($5::bigint IS NULL OR run_id = $5)
+      -- Only accounts whose lease this replica holds (NULL: every account).
+      AND ($6::text[] IS NULL OR account = ANY($6::text[]))
+    ORDER BY next_attempt_at, id
+    LIMIT $2
+    -- Rows another worker is claiming right now are skipped, not waited for.
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE jobs AS j
+SET state = CASE WHEN j.state = 'pending' THEN 'claimed' ELSE j.state END,
+    lease_owner = $1,
+    lease_expires_at = now() + make_interval(secs => $4),
+    updated_at = now()
+FROM due, policies AS p
+WHERE j.id = due.id AND p.id = j.policy_id
+RETURNING j.id, j.run_id, j.policy_id, j.account, j.region, j.instance_id, j.slot,
+          j.image_name, j.state, j.attempts, j.deadline, j.image_id,
+          p.name AS policy_name, p.enabled, p.force_poweroff, p.sysprep,
+          p.include_data_disks, p.on_quota
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """A claimed job and the policy options its CreateImage call needs."""
+
+    id: int
+    run_id: int
+    policy_id: int
+    account: str
+    region: str
+    instance_id: str
+    slot: datetime
+    image_name: str
+    state: str  # as claimed: 'claimed' (no call made yet) or 'creating' (a call may have been)
+    attempts: int
+    deadline: datetime
+    image_id: str | None
+    policy_name: str
+    enabled: bool
+    force_poweroff: bool
+    sysprep: bool
+    include_data_disks: bool
+    on_quota: str
+
+
+async def claim(
+    pool: asyncpg.Pool,
+    owner: str,
+    limit: int,
+    lease_seconds: float,
+    *,
+    paused: Sequence[str] = (),
+    run_id: int | None = None,
+    accounts: Collection[str] | None = None,
+) -> list[Job]:
+    """Claim up to `limit` due jobs for `owner`: not paused, and of `accounts` when given."""
+    held = None if accounts is None else sorted(accounts)
+    rows = await pool.fetch(_CLAIM, owner, limit, list(paused), lease_seconds, run_id, held)
+    return [Job(**dict(row)) for row in rows]
+
+
+async def renew(pool: asyncpg.Pool, owner: str, ids: Sequence[int], lease_seconds: float) -> int:
+    """Extend the leases of jobs in flight in one statement; how many were still ours."""
+    result = await pool.execute(
+        "UPDATE jobs SET lease_expires_at = now() + make_interval(secs => $3)"
+        " WHERE id = ANY($1::bigint[]) AND lease_owner = $2",
+        list(ids),
+        owner,
+        lease_seconds,
+    )
+    return int(result.split()[-1])
+
+
+async def release(pool: asyncpg.Pool, owner: str, ids: Sequence[int]) -> int:
+    """Give unfinished jobs back: due now, 'claimed' back to 'pending', 'creating' kept."""
+    result = await pool.execute(
+        "UPDATE jobs SET lease_owner = NULL, lease_expires_at = NULL, next_attempt_at = now(),"
+        " state = CASE WHEN state = 'claimed' THEN 'pending' ELSE state END, updated_at = now()"
+        " WHERE id = ANY($1::bigint[]) AND lease_owner = $2 AND state IN ('claimed', 'creating')",
+        list(ids),
+        owner,
+    )
+    return int(result.split()[-1])
+
+
+async def mark_creating(conn: Any, job: Job, owner: str) -> bool:
+    """Record, before CreateImage, that a call with this job's name may reach Tencent."""
+    status = await conn.execute(
+        "UPDATE jobs SET state = 'creating', updated_at = now()"
+        " WHERE id = $1 AND lease_owner = $2 AND state IN ('claimed', 'creating')",
+        job.id,
+        owner,
+    )
+    return bool(status == "UPDATE 1")
+
+
+async def retry_later(
+    conn: Any,
+    job: Job,
+    owner: str,
+    *,
+    when: datetime,
+    state: str,
+    count_attempt: bool,
+    error: tuple[str, str, str | None] | None,
+) -> bool:
+    """Release the job until `when`; `state` is 'pending' (no image) or 'creating' (maybe one)."""
+    code, message, request_id = error or (None, None, None)
+    status = await conn.execute(
+        "UPDATE jobs SET state = $3, next_attempt_at = $4, attempts = attempts + $5,"
+        " lease_owner = NULL, lease_expires_at = NULL, updated_at = now(),"
+        " last_error_code = coalesce($6, last_error_code),"
+        " last_error_message = coalesce($7, last_error_message),"
+        " last_request_id = coalesce($8, last_request_id)"
+        " WHERE id = $1 AND lease_owner = $2",
+        job.id,
+        owner,
+        state,
+        when,
+        1 if count_attempt else 0,
+        code,
+        message,
+        request_id,
+    )
+    return bool(status == "UPDATE 1")
+
+
+async def finish(
+    conn: Any,
+    job: Job,
+    owner: str,
+    state: str,
+    *,
+    reason: str | None = None,
+    error: tuple[str, str, str | None] | None = None,
+    count_attempt: bool = False,
+) -> bool:
+    """Move the job to a terminal state (failed, expired, skipped) with its reason or error."""
+    code, message, request_id = error or (None, None, None)
+    status = await conn.execute(
+        "UPDATE jobs SET state = $3, reason = $4, finished_at = now(), updated_at = now(),"
+        " lease_owner = NULL, lease_expires_at = NULL, attempts = attempts + $8,"
+        " last_error_code = coalesce($5, last_error_code),"
+        " last_error_message = coalesce($6, last_error_message),"
+        " last_request_id = coalesce($7, last_request_id)"
+        " WHERE id = $1 AND lease_owner = $2",
+        job.id,
+        owner,
+        state,
+        reason,
+        code,
+        message,
+        request_id,
+        1 if count_attempt else 0,
+    )
+    return bool(status == "UPDATE 1")
+
+
+async def record_image(
+    conn: Any, job: Job, owner: str, image_id: str, image_state: str, *, request_id: str | None
+) -> bool:
+    """The image is known: the job waits for the tracker, and the image is recorded as ours."""
+    status = await conn.execute(
+        "UPDATE jobs SET state = 'waiting_image', image_id = $3, lease_owner = NULL,"
+        " lease_expires_at = NULL, updated_at = now(),"
+        " last_request_id = coalesce($4, last_request_id)"
+        " WHERE id = $1 AND lease_owner = $2",
+        job.id,
+        owner,
+        image_id,
+        request_id,
+    )
+    if status != "UPDATE 1":
+        return False
+    await conn.execute(
+        "INSERT INTO images (image_id, name, account, region, instance_id, policy_id, slot,"
+        " job_id, state) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+        " ON CONFLICT (image_id) DO NOTHING",
+        image_id,
+        job.image_name,
+        job.account,
+        job.region,
+        job.instance_id,
+        job.policy_id,
+        job.slot,
+        job.id,
+        image_state,
+    )
+    return True
+
+
+async def event(conn: Any, kind: str, job: Job, **details: Any) -> None:
+    """Append one row to the events ledger about `job` (attempts, outcomes, decisions)."""
+    image_id = details.pop("image_id", None) or job.image_id
+    reason = details.pop("reason", None)
+    await conn.execute(
+        "INSERT INTO events (kind, policy_id, run_id, job_id, image_id, account, region,"
+        " instance_id, reason, details) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        kind,
+        job.policy_id,
+        job.run_id,
+        job.id,
+        image_id,
+        job.account,
+        job.region,
+        job.instance_id,
+        reason,
+        # The pool's jsonb codec encodes the dict (orchestrator.db.pool.init_connection).
+        {k: v for k, v in details.items() if v is not None},
+    )
+
+
+async def next_due(
+    pool: asyncpg.Pool, paused: Sequence[str] = (), accounts: Collection[str] | None = None
+) -> datetime | None:
+    """When the next released job becomes due, or the next lease expires; None when idle."""
+    value = await pool.fetchval(
+        "SELECT min(coalesce(lease_expires_at, next_attempt_at)) FROM jobs"
+        " WHERE state IN ('pending', 'claimed', 'creating') AND account <> ALL($1::text[])"
+        " AND ($2::text[] IS NULL OR account = ANY($2::text[]))",
+        list(paused),
+        None if accounts is None else sorted(accounts),
+    )
+    return value if isinstance(value, datetime) else None
+
+
+async def live_count(
+    pool: asyncpg.Pool, paused: Sequence[str] = (), *, run_id: int | None = None
+) -> int:
+    """Jobs not yet terminal (of one run, or all), outside paused accounts: zero means drained."""
+    value = await pool.fetchval(
+        "SELECT count(*) FROM jobs WHERE state = ANY($1::text[]) AND account <> ALL($2::text[])"
+        " AND ($3::bigint IS NULL OR run_id = $3)",
+        list(LIVE_STATES),
+        list(paused),
+        run_id,
+    )
+    return int(value or 0)
+
+
+async def complete_runs(pool: asyncpg.Pool) -> list[asyncpg.Record]:
+    """Mark runs whose every job is terminal as completed; the runs just completed, with tallies."""
+    return await pool.fetch(
+        """
+        UPDATE runs AS r SET state = 'completed', completed_at = now()
+        WHERE r.state = 'running'
+          AND NOT EXISTS (SELECT 1 FROM jobs j
+                          WHERE j.run_id = r.id AND j.state = ANY($1::text[]))
+        RETURNING r.id, r.policy_id, r.slot,
+          (SELECT jsonb_object_agg(s.state, s.n) FROM
+             (SELECT state, count(*) AS n FROM jobs WHERE run_id = r.id GROUP BY state) AS s)
+          AS tally
+        """,
+        list(LIVE_STATES),
+    )

@@ -1,0 +1,552 @@
+"""Backup policies: the model, validation, the TOML file format (DESIGN §4), diffs and cron slots.
+
+A policy read from the `policies` table goes through the same validation as one read from a
+file, so a row written with plain SQL is exactly as valid as an applied file.
+
+Cron slots are computed on local wall-clock time in the policy's timezone and then mapped to
+instants, so each local time fires once across DST changes:
+- a local time that occurs twice (clocks go back) fires at its first occurrence;
+- a local time that does not exist (clocks go forward) fires when the gap ends, that is at the
+  transition itself, like Vixie cron running skipped jobs right after the change.
+All slot functions return aware UTC datetimes.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from croniter import CroniterBadCronError, CroniterBadDateError, croniter
+
+from orchestrator.errors import UsageError
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,19}$")
+ACCOUNT_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+REGION_RE = re.compile(r"^[a-z]{2,}(-[a-z0-9]+)+$")
+TIMEZONE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_+/-]{0,63}$")
+INSTANCE_ID_RE = re.compile(r"^ins-[a-z0-9]{1,32}$")
+DURATION_RE = re.compile(r"^(?:\d+[dhms])+$")
+_DURATION_UNITS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+ON_QUOTA = ("rotate", "fail")
+KEEP_RULES = ("keep_last", "keep_daily", "keep_weekly", "keep_monthly", "keep_yearly")
+
+
+class PolicyError(UsageError):
+    """One or more invalid policies; `messages` holds every problem found (exit 2)."""
+
+
+class FieldError(ValueError):
+    """A single field's value is wrong; the message says what was expected."""
+
+
+@dataclass(frozen=True, slots=True)
+class Retention:
+    """Which images a policy keeps: an image is kept if any rule keeps it."""
+
+    keep_last: int = 0
+    keep_daily: int = 0
+    keep_weekly: int = 0
+    keep_monthly: int = 0
+    keep_yearly: int = 0
+    max_age_days: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """One backup policy; `id` is None until it is stored."""
+
+    name: str
+    region: str
+    schedule: str
+    timezone: str = "UTC"
+    account: str = "default"
+    instance_ids: tuple[str, ...] = ()
+    instance_tags: Mapping[str, str] = field(default_factory=dict)
+    force_poweroff: bool = False
+    sysprep: bool = False
+    include_data_disks: bool = False
+    on_quota: str = "rotate"
+    completion_window: timedelta = timedelta(hours=6)
+    enabled: bool = True
+    retention: Retention = field(default_factory=Retention)
+    id: int | None = None
+
+    @property
+    def zone(self) -> ZoneInfo:
+        """The policy's timezone."""
+        return ZoneInfo(self.timezone)
+
+
+# ---------------------------------------------------------------- field validators
+
+
+def _describe(value: object) -> str:
+    kind = {
+        bool: "boolean",
+        int: "integer",
+        float: "float",
+        str: "string",
+        list: "array",
+        dict: "table",
+    }.get(type(value), type(value).__name__)
+    shown = repr(value)
+    return f"{kind} {shown if len(shown) <= 60 else shown[:57] + '...'}"
+
+
+def _expect(ok: bool, expected: str, value: object) -> None:
+    if not ok:
+        raise FieldError(f"expected {expected}, got {_describe(value)}")
+
+
+def _string(value: object, pattern: re.Pattern[str], expected: str) -> str:
+    _expect(isinstance(value, str) and bool(pattern.match(value)), expected, value)
+    assert isinstance(value, str)
+    return value
+
+
+def check_name(value: object) -> str:
+    """Policy name: lowercase letters, digits and '-', starting with a letter or digit, <= 20."""
+    return _string(
+        value, NAME_RE, "lowercase letters, digits and '-' (at most 20, not starting with '-')"
+    )
+
+
+def check_account(value: object) -> str:
+    """Account name as configured in [[accounts]]."""
+    return _string(value, ACCOUNT_RE, "an account name (letters, digits, '_', '.', '-')")
+
+
+def check_region(value: object) -> str:
+    """Region like ap-guangzhou or ap-shanghai-fsi."""
+    return _string(value, REGION_RE, 'a region like "ap-guangzhou"')
+
+
+def check_schedule(value: object) -> str:
+    """Five-field cron expression that croniter accepts and that matches some date."""
+    expected = 'a five-field cron expression like "0 3 * * *"'
+    _expect(isinstance(value, str) and len(value.split()) == 5, expected, value)
+    assert isinstance(value, str)
+    try:
+        croniter(value, datetime(2000, 1, 1)).get_next(datetime)
+    except (CroniterBadCronError, CroniterBadDateError, ValueError, KeyError):
+        raise FieldError(
+            f"expected {expected} that croniter accepts and that matches a "
+            f"date, got {_describe(value)}"
+        ) from None
+    return value
+
+
+def check_timezone(value: object) -> str:
+    """IANA timezone name known to zoneinfo."""
+    expected = 'an IANA timezone like "Asia/Shanghai"'
+    _expect(isinstance(value, str) and bool(TIMEZONE_RE.match(value)), expected, value)
+    assert isinstance(value, str)
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise FieldError(f"expected {expected}, got unknown timezone {value!r}") from None
+    return value
+
+
+def check_instance_ids(value: object) -> tuple[str, ...]:
+    """Array of distinct instance ids like "ins-6pb6lrmy"."""
+    expected = 'an array of instance ids like "ins-6pb6lrmy"'
+    _expect(isinstance(value, list | tuple), expected, value)
+    assert isinstance(value, list | tuple)
+    for item in value:
+        _expect(isinstance(item, str) and bool(INSTANCE_ID_RE.match(item)), expected, item)
+    _expect(len(set(value)) == len(value), "distinct instance ids", value)
+    return tuple(value)
+
+
+def check_tags(value: object) -> dict[str, str]:
+    """Table of tag key -> value, both non-empty strings."""
+    expected = 'a table of non-empty string tag values, like { backup = "nightly" }'
+    _expect(isinstance(value, Mapping), expected, value)
+    assert isinstance(value, Mapping)
+    for key, item in value.items():
+        _expect(
+            isinstance(key, str) and key != "" and isinstance(item, str) and item != "",
+            expected,
+            {key: item},
+        )
+    return dict(value)
+
+
+def check_bool(value: object) -> bool:
+    """true or false (not 0/1, not a string)."""
+    _expect(isinstance(value, bool), "true or false", value)
+    assert isinstance(value, bool)
+    return value
+
+
+def check_on_quota(value: object) -> str:
+    """What a full image quota does: "rotate" or "fail"."""
+    _expect(value in ON_QUOTA, '"rotate" or "fail"', value)
+    assert isinstance(value, str)
+    return value
+
+
+def parse_duration(text: str) -> timedelta:
+    """ "6h", "90m", "1d", "1h30m" -> timedelta; raises FieldError otherwise."""
+    _expect(bool(DURATION_RE.match(text)), 'a duration like "6h", "90m" or "1d"', text)
+    seconds = sum(int(n) * _DURATION_UNITS[u] for n, u in re.findall(r"(\d+)([dhms])", text))
+    return timedelta(seconds=seconds)
+
+
+def format_duration(delta: timedelta) -> str:
+    """timedelta -> the shortest duration string parse_duration reads back."""
+    seconds, parts = int(delta.total_seconds()), []
+    for unit, size in _DURATION_UNITS.items():
+        if seconds >= size:
+            parts.append(f"{seconds // size}{unit}")
+            seconds %= size
+    return "".join(parts) or "0s"
+
+
+def check_window(value: object) -> timedelta:
+    """Positive duration string."""
+    _expect(isinstance(value, str), 'a duration like "6h", "90m" or "1d"', value)
+    assert isinstance(value, str)
+    delta = parse_duration(value)
+    _expect(delta > timedelta(0), "a positive duration", value)
+    return delta
+
+
+def _count(value: object, minimum: int) -> int:
+    # bool is an int subclass in Python; `keep_last = true` is a mistake, not 1.
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+    _expect(ok, f"an integer >= {minimum}", value)
+    assert isinstance(value, int)
+    return value
+
+
+# ---------------------------------------------------------------- whole policies
+
+Validator = Callable[[object], Any]
+
+_FIELDS: Mapping[str, Validator] = {
+    "name": check_name,
+    "account": check_account,
+    "region": check_region,
+    "schedule": check_schedule,
+    "timezone": check_timezone,
+    "instance_ids": check_instance_ids,
+    "instance_tags": check_tags,
+    "force_poweroff": check_bool,
+    "sysprep": check_bool,
+    "include_data_disks": check_bool,
+    "on_quota": check_on_quota,
+    "completion_window": check_window,
+    "enabled": check_bool,
+}
+_REQUIRED = ("name", "region", "schedule")
+_RETENTION_FIELDS = (*KEEP_RULES, "max_age_days")
+
+
+class _Errors:
+    """Collects every problem of one policy, each naming its field."""
+
+    def __init__(self, where: str, label: str) -> None:
+        self.where, self.label, self.messages = where, label, list[str]()
+
+    def add(self, field_name: str, problem: str) -> None:
+        self.messages.append(f"{self.where}: policy {self.label}: {field_name}: {problem}")
+
+
+def _check_fields(raw: Mapping[str, Any], errors: _Errors) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key == "retention":
+            continue
+        if key not in _FIELDS:
+            errors.add(key, f"unknown key; expected one of {', '.join([*_FIELDS, 'retention'])}")
+            continue
+        try:
+            values[key] = _FIELDS[key](value)
+        except FieldError as exc:
+            errors.add(key, str(exc))
+    for key in _REQUIRED:
+        if key not in raw:
+            errors.add(key, "missing; this field is required")
+    return values
+
+
+def _check_retention(raw: object, errors: _Errors) -> Retention | None:
+    if not isinstance(raw, Mapping):
+        errors.add(
+            "retention",
+            "expected a [policies.retention] table with at least one "
+            f"keep rule ({', '.join(KEEP_RULES)}), got {_describe(raw)}",
+        )
+        return None
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in _RETENTION_FIELDS:
+            errors.add(
+                f"retention.{key}", f"unknown key; expected one of {', '.join(_RETENTION_FIELDS)}"
+            )
+            continue
+        try:
+            values[key] = _count(value, 1 if key == "max_age_days" else 0)
+        except FieldError as exc:
+            errors.add(f"retention.{key}", str(exc))
+    if not any(values.get(rule, 0) > 0 for rule in KEEP_RULES) and not any(
+        f"retention.{r}" in m for r in KEEP_RULES for m in errors.messages
+    ):
+        errors.add("retention", f"expected at least one keep rule > 0 ({', '.join(KEEP_RULES)})")
+    return Retention(**values)
+
+
+def _check_targets(values: Mapping[str, Any], raw: Mapping[str, Any], errors: _Errors) -> None:
+    if "instance_ids" in raw and "instance_ids" not in values:
+        return  # already reported
+    if "instance_tags" in raw and "instance_tags" not in values:
+        return
+    if not values.get("instance_ids") and not values.get("instance_tags"):
+        errors.add(
+            "instance_ids",
+            "expected at least one target: a non-empty instance_ids "
+            "array and/or a non-empty instance_tags table",
+        )
+
+
+def _label(raw: Mapping[str, Any], index: int) -> str:
+    name = raw.get("name")
+    return f"#{index} {name!r}" if isinstance(name, str) else f"#{index}"
+
+
+def validate(
+    raw: Mapping[str, Any], *, where: str, index: int = 1, policy_id: int | None = None
+) -> tuple[Policy | None, list[str]]:
+    """Check one policy's fields; the policy, or None and every problem found."""
+    errors = _Errors(where, _label(raw, index))
+    values = _check_fields(raw, errors)
+    retention = _check_retention(raw.get("retention"), errors)
+    _check_targets(values, raw, errors)
+    if errors.messages or retention is None:
+        return None, errors.messages
+    return Policy(**values, retention=retention, id=policy_id), []
+
+
+def _duplicates(raws: Sequence[Mapping[str, Any]], where: str) -> list[str]:
+    seen: dict[str, int] = {}
+    messages = []
+    for index, raw in enumerate(raws, start=1):
+        name = raw.get("name")
+        if not isinstance(name, str):
+            continue
+        if name in seen:
+            messages.append(
+                f"{where}: policy {_label(raw, index)}: name: duplicate; policy "
+                f"#{seen[name]} already has this name"
+            )
+        seen.setdefault(name, index)
+    return messages
+
+
+def _policy_tables(data: Mapping[str, Any], where: str) -> list[Mapping[str, Any]]:
+    unknown = sorted(set(data) - {"policies"})
+    if unknown:
+        raise PolicyError(
+            f"{where}: unknown top-level key(s) {', '.join(unknown)}; expected "
+            "only [[policies]] tables"
+        )
+    tables = data.get("policies")
+    if not isinstance(tables, list) or not all(isinstance(t, Mapping) for t in tables):
+        raise PolicyError(
+            f"{where}: policies: expected [[policies]] tables, got {_describe(tables)}"
+        )
+    return tables
+
+
+def parse_text(text: str, where: str) -> list[Policy]:
+    """Policies from TOML text; raises PolicyError listing every problem."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise PolicyError(f"{where}: not valid TOML: {exc}") from None
+    tables = _policy_tables(data, where)
+    messages = _duplicates(tables, where)
+    policies = []
+    for index, raw in enumerate(tables, start=1):
+        policy, problems = validate(raw, where=where, index=index)
+        messages.extend(problems)
+        if policy is not None:
+            policies.append(policy)
+    if messages:
+        raise PolicyError(*messages)
+    return policies
+
+
+def load_file(path: Path) -> list[Policy]:
+    """Policies from a TOML file (DESIGN §4); raises PolicyError listing every problem."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise PolicyError(f"{path}: cannot read policy file: {exc.strerror}") from None
+    return parse_text(text, str(path))
+
+
+def to_raw(policy: Policy) -> dict[str, Any]:
+    """The file-format mapping of a policy (what `validate` reads back)."""
+    raw: dict[str, Any] = {
+        f.name: getattr(policy, f.name) for f in fields(policy) if f.name not in {"id", "retention"}
+    }
+    raw["instance_ids"] = list(policy.instance_ids)
+    raw["instance_tags"] = dict(policy.instance_tags)
+    raw["completion_window"] = format_duration(policy.completion_window)
+    raw["retention"] = {
+        k: v for k in _RETENTION_FIELDS if (v := getattr(policy.retention, k)) is not None
+    }
+    return raw
+
+
+# ---------------------------------------------------------------- diffs
+
+
+def comparable(policy: Policy) -> dict[str, Any]:
+    """Flat field -> value (retention.* included, id excluded), for diffs and upserts."""
+    flat = {
+        f.name: getattr(policy, f.name) for f in fields(policy) if f.name not in {"id", "retention"}
+    }
+    flat["instance_tags"] = dict(policy.instance_tags)
+    for key in _RETENTION_FIELDS:
+        flat[f"retention.{key}"] = getattr(policy.retention, key)
+    return flat
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One field that differs: stored value -> file value."""
+
+    field: str
+    old: Any
+    new: Any
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyDiff:
+    """What applying a file would do to the stored policies."""
+
+    added: tuple[Policy, ...]
+    changed: tuple[tuple[Policy, tuple[Change, ...]], ...]
+    unchanged: tuple[Policy, ...]
+    missing: tuple[Policy, ...]  # stored but not in the file
+
+    @property
+    def writes(self) -> bool:
+        """True when applying (without prune) writes anything."""
+        return bool(self.added or self.changed)
+
+
+def changes(old: Policy, new: Policy) -> tuple[Change, ...]:
+    """Fields whose values differ, in declaration order."""
+    before, after = comparable(old), comparable(new)
+    return tuple(Change(k, before[k], after[k]) for k in after if before[k] != after[k])
+
+
+def diff(stored: Sequence[Policy], wanted: Sequence[Policy]) -> PolicyDiff:
+    """Compare stored policies with a file's, by name."""
+    by_name = {p.name: p for p in stored}
+    added, changed, unchanged = [], [], []
+    for policy in wanted:
+        old = by_name.get(policy.name)
+        if old is None:
+            added.append(policy)
+        elif delta := changes(old, policy):
+            changed.append((policy, delta))
+        else:
+            unchanged.append(policy)
+    names = {p.name for p in wanted}
+    missing = tuple(p for p in stored if p.name not in names)
+    return PolicyDiff(tuple(added), tuple(changed), tuple(unchanged), missing)
+
+
+# ---------------------------------------------------------------- cron slots
+
+
+def _local(when: datetime, zone: ZoneInfo) -> datetime:
+    return when.astimezone(zone).replace(tzinfo=None)
+
+
+def _gap_end(naive: datetime, zone: ZoneInfo) -> datetime:
+    # In a gap, fold=0 applies the offset from before the transition and fold=1 the one after,
+    # so the transition instant lies between the two readings: bisect to the second.
+    low = naive.replace(tzinfo=zone, fold=1).astimezone(UTC)
+    high = naive.replace(tzinfo=zone, fold=0).astimezone(UTC)
+    after = high.astimezone(zone).utcoffset()
+    while high - low > timedelta(seconds=1):
+        mid = low + (high - low) / 2
+        if mid.astimezone(zone).utcoffset() == after:
+            high = mid
+        else:
+            low = mid
+    return high.replace(microsecond=0)
+
+
+def local_to_instant(naive: datetime, zone: ZoneInfo) -> datetime:
+    """Local wall time -> UTC instant: first occurrence if repeated, gap end if skipped."""
+    instant = naive.replace(tzinfo=zone, fold=0).astimezone(UTC)
+    if _local(instant, zone) == naive:
+        return instant
+    return _gap_end(naive, zone)
+
+
+def _margin(zone: ZoneInfo, when: datetime) -> timedelta:
+    # How far local times near `when` can be shifted by an offset change; zero without DST.
+    offsets = [
+        (when + timedelta(days=d)).astimezone(zone).utcoffset() or timedelta(0) for d in (-1, 0, 1)
+    ]
+    return max(offsets) - min(offsets)
+
+
+def _aware(when: datetime) -> datetime:
+    if when.tzinfo is None:
+        raise ValueError("slot computations need timezone-aware datetimes")
+    return when
+
+
+def _forward(policy: Policy, after: datetime) -> Iterator[datetime]:
+    """Distinct slot instants strictly after `after`, ascending, forever."""
+    zone, after = policy.zone, _aware(after)
+    cron = croniter(policy.schedule, _local(after, zone) - _margin(zone, after))
+    last: datetime | None = None
+    while True:
+        instant = local_to_instant(cron.get_next(datetime), zone)
+        if instant > after and instant != last:
+            last = instant
+            yield instant
+
+
+def slots_between(policy: Policy, start: datetime, end: datetime) -> list[datetime]:
+    """Slots in (start, end], ascending, as aware UTC datetimes."""
+    found = []
+    for slot in _forward(policy, start):
+        if slot > _aware(end):
+            break
+        found.append(slot)
+    return found
+
+
+def next_slot_after(policy: Policy, when: datetime) -> datetime:
+    """The first slot strictly after `when` (aware UTC)."""
+    return next(_forward(policy, when))
+
+
+def latest_slot_at_or_before(policy: Policy, when: datetime) -> datetime:
+    """The newest slot at or before `when` (aware UTC)."""
+    zone, when = policy.zone, _aware(when)
+    # Start a minute past `when` (slots are whole minutes) plus any DST shift, walk backwards.
+    base = _local(when, zone) + _margin(zone, when) + timedelta(minutes=1)
+    cron = croniter(policy.schedule, base)
+    while True:
+        instant = local_to_instant(cron.get_prev(datetime), zone)
+        if instant <= when:
+            return instant

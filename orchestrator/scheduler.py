@@ -1,0 +1,318 @@
+"""The scheduler: cron slots of enabled policies -> one run and its jobs per (policy, slot).
+
+Idempotent per slot: `runs (policy_id, slot)` and `jobs (policy_id, instance_id, slot)` are
+unique and inserted with ON CONFLICT DO NOTHING, so two replicas or a restart create nothing
+twice. After downtime only the most recent missed slot runs, and only while its completion
+window is still open: a daemon that was down for a week makes one backup, not seven.
+
+Policy changes are picked up without a restart: NOTIFY on `cvm_backup_policy_changed` wakes the
+loop at once (speed), and a pass every `poll_interval` catches anything a lost NOTIFY missed
+(correctness).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+
+from orchestrator import backoff, logs, naming, policies
+from orchestrator.context import EngineContext
+from orchestrator.db import policies as policy_rows
+from orchestrator.errors import UsageError
+from orchestrator.policies import Policy
+from orchestrator.tencent.errors import ErrorClass, TencentError
+from orchestrator.tencent.models import Filter
+
+CHANNEL = "cvm_backup_policy_changed"
+_SLOT_PAD = 0.05
+log = logs.get("scheduler")
+
+
+@dataclass(frozen=True, slots=True)
+class Targets:
+    """The instances a run backs up, and the explicit ids that no longer exist."""
+
+    present: tuple[str, ...]
+    missing: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Scheduled:
+    """The run of one (policy, slot): `created` is False when it already existed."""
+
+    run_id: int
+    policy: str
+    slot: datetime
+    created: bool
+    jobs: int = 0
+    skipped: int = 0
+
+
+async def load_policies(pool: asyncpg.Pool) -> list[Policy]:
+    """Enabled policies; rows that fail validation (e.g. a cron croniter refuses) are logged."""
+    return await policy_rows.fetch_policies(pool, enabled_only=True)
+
+
+def due_slot(policy: Policy, now: datetime) -> datetime | None:
+    """The newest slot at or before `now` whose completion window is still open."""
+    slot = policies.latest_slot_at_or_before(policy, now)
+    return slot if slot + policy.completion_window > now else None
+
+
+async def resolve_targets(ctx: EngineContext, policy: Policy) -> Targets:
+    """Explicit instance ids that exist, plus every instance carrying all `instance_tags`."""
+    client = ctx.client(policy.account)
+    found: dict[str, None] = {}
+    missing: list[str] = []
+    if policy.instance_ids:
+        existing = await _existing(ctx, policy, policy.instance_ids)
+        missing = [i for i in policy.instance_ids if i not in existing]
+        found.update((i, None) for i in policy.instance_ids if i in existing)
+    if policy.instance_tags:
+        # One filter per tag: Filters are ANDed, so an instance must carry all of them.
+        filters = [Filter(f"tag:{k}", (v,)) for k, v in sorted(policy.instance_tags.items())]
+        async for instance in client.iter_instances(policy.region, filters=filters):
+            found.setdefault(instance.instance_id, None)
+    return Targets(tuple(found), tuple(missing))
+
+
+async def _existing(ctx: EngineContext, policy: Policy, ids: Sequence[str]) -> set[str]:
+    client = ctx.client(policy.account)
+    try:
+        return {i.instance_id async for i in client.iter_instances(policy.region, instance_ids=ids)}
+    except TencentError as exc:
+        if exc.error_class is not ErrorClass.GONE:
+            raise
+    if len(ids) == 1:
+        return set()
+    # Some APIs refuse a whole batch for one unknown id: ask for each id on its own.
+    found: set[str] = set()
+    for instance_id in ids:
+        found |= await _existing(ctx, policy, [instance_id])
+    return found
+
+
+async def create_run(
+    pool: asyncpg.Pool, policy: Policy, slot: datetime, targets: Targets, trigger: str
+) -> Scheduled:
+    """Insert the run and its jobs in one transaction; nothing when the slot already has a run."""
+    assert policy.id is not None
+    async with pool.acquire() as conn, conn.transaction():
+        run_id = await conn.fetchval(
+            "INSERT INTO runs (policy_id, slot, trigger) VALUES ($1, $2, $3)"
+            " ON CONFLICT (policy_id, slot) DO NOTHING RETURNING id",
+            policy.id,
+            slot,
+            trigger,
+        )
+        if run_id is None:
+            existing = await conn.fetchval(
+                "SELECT id FROM runs WHERE policy_id = $1 AND slot = $2", policy.id, slot
+            )
+            return Scheduled(int(existing), policy.name, slot, created=False)
+        await _insert_jobs(conn, run_id, policy, slot, targets)
+        await conn.execute(
+            "INSERT INTO events (kind, policy_id, run_id, reason, details)"
+            " VALUES ('run.created', $1, $2, $3, $4)",
+            policy.id,
+            run_id,
+            trigger,
+            {
+                "slot": slot.isoformat(),
+                "jobs": len(targets.present),
+                "missing": list(targets.missing),
+            },
+        )
+    return Scheduled(
+        int(run_id), policy.name, slot, True, len(targets.present), len(targets.missing)
+    )
+
+
+async def _insert_jobs(
+    conn: Any, run_id: int, policy: Policy, slot: datetime, targets: Targets
+) -> None:
+    ids = [*targets.present, *targets.missing]
+    names = [naming.image_name(policy.name, i, slot) for i in ids]
+    # Explicit ids DescribeInstances no longer knows are recorded at once as skipped.
+    states = ["pending"] * len(targets.present) + ["skipped"] * len(targets.missing)
+    await conn.execute(
+        """
+        INSERT INTO jobs (run_id, policy_id, account, region, instance_id, slot, image_name,
+                          deadline, state, reason, finished_at)
+        SELECT $1, $2, $3, $4, t.instance_id, $5, t.image_name, $5::timestamptz + $6::interval,
+               t.state, CASE WHEN t.state = 'skipped' THEN 'instance_gone' END,
+               CASE WHEN t.state = 'skipped' THEN now() END
+        FROM unnest($7::text[], $8::text[], $9::text[]) AS t(instance_id, image_name, state)
+        ON CONFLICT (policy_id, instance_id, slot) DO NOTHING
+        """,
+        run_id,
+        policy.id,
+        policy.account,
+        policy.region,
+        slot,
+        policy.completion_window,
+        ids,
+        names,
+        states,
+    )
+
+
+async def schedule_policy(
+    ctx: EngineContext, policy: Policy, slot: datetime, trigger: str = "schedule"
+) -> Scheduled:
+    """Create the run of `policy` for `slot` unless it exists; resolves targets only if needed."""
+    assert policy.id is not None
+    existing = await ctx.pool.fetchval(
+        "SELECT id FROM runs WHERE policy_id = $1 AND slot = $2", policy.id, slot
+    )
+    if existing is not None:
+        return Scheduled(int(existing), policy.name, slot, created=False)
+    targets = await resolve_targets(ctx, policy)
+    scheduled = await create_run(ctx.pool, policy, slot, targets, trigger)
+    if scheduled.created:
+        _log_created(scheduled, policy, targets, trigger)
+    return scheduled
+
+
+def _log_created(scheduled: Scheduled, policy: Policy, targets: Targets, trigger: str) -> None:
+    log.info(
+        "run.created",
+        run=scheduled.run_id,
+        policy=policy.name,
+        slot=scheduled.slot.isoformat(),
+        jobs=scheduled.jobs,
+        trigger=trigger,
+    )
+    for instance_id in targets.missing:
+        log.info(
+            "job.skipped",
+            policy=policy.name,
+            instance=instance_id,
+            reason="instance_gone",
+            run=scheduled.run_id,
+        )
+
+
+async def schedule_pass(ctx: EngineContext, now: datetime | None = None) -> list[Scheduled]:
+    """One pass over every enabled policy; the runs it created. A bad policy never stops others."""
+    now = now or datetime.now(UTC)
+    created = []
+    for policy in await load_policies(ctx.pool):
+        result = await _schedule_one(ctx, policy, now)
+        if result is not None and result.created:
+            created.append(result)
+    return created
+
+
+async def _schedule_one(ctx: EngineContext, policy: Policy, now: datetime) -> Scheduled | None:
+    try:
+        slot = due_slot(policy, now)
+        if slot is None:
+            return None
+        if policy.account not in ctx.clients:
+            raise LookupError(f"account {policy.account!r} is not configured")
+        return await _with_retries(ctx, policy, slot)
+    except (TencentError, LookupError, ValueError, KeyError) as exc:
+        # Retried on the next pass; a policy whose cron or timezone broke is reported each time.
+        log.error(
+            "schedule.failed", policy=policy.name, error=str(exc), code=getattr(exc, "code", None)
+        )
+        return None
+
+
+async def _with_retries(ctx: EngineContext, policy: Policy, slot: datetime) -> Scheduled:
+    """schedule_policy, retrying transient API failures of target resolution a few times."""
+    retry = ctx.settings.retry
+    for attempt in range(1, retry.max_transient_attempts + 1):
+        try:
+            return await schedule_policy(ctx, policy, slot)
+        except TencentError as exc:
+            retriable = exc.error_class in (ErrorClass.TRANSIENT, ErrorClass.THROTTLED)
+            if not retriable or attempt == retry.max_transient_attempts:
+                raise
+            log.info("schedule.retry", policy=policy.name, code=exc.code, attempt=attempt)
+            await asyncio.sleep(backoff.delay(attempt, retry.transient_base, retry.max_delay))
+    raise AssertionError("unreachable")
+
+
+async def backup_now(ctx: EngineContext, name: str, now: datetime | None = None) -> Scheduled:
+    """A manual run for the current minute's slot; the same minute twice creates nothing new."""
+    policy = await policy_rows.fetch_policy(ctx.pool, name)
+    if policy is None:
+        raise UsageError(f"backup-now: no policy named {name!r}")
+    if not policy.enabled:
+        raise UsageError(f"backup-now: policy {name!r} is disabled")
+    slot = (now or datetime.now(UTC)).replace(second=0, microsecond=0)
+    return await schedule_policy(ctx, policy, slot, trigger="manual")
+
+
+def next_wakeup(found: Iterable[Policy], now: datetime, cap: float) -> float:
+    """Seconds until the earliest next slot of `found`, at most `cap`."""
+    wait = cap
+    for policy in found:
+        with contextlib.suppress(ValueError, KeyError):
+            upcoming = policies.next_slot_after(policy, now)
+            # A little past the boundary, so the pass that wakes sees the new slot as due.
+            wait = min(wait, max((upcoming - now).total_seconds(), 0.0) + _SLOT_PAD)
+    return wait
+
+
+class Scheduler:
+    """The scheduling loop: a pass per slot, per NOTIFY, and per poll interval."""
+
+    def __init__(self, ctx: EngineContext, on_created: asyncio.Event | None = None) -> None:
+        self.ctx = ctx
+        self.on_created = on_created  # set after a pass that created runs (wakes the dispatcher)
+        self._changed = asyncio.Event()
+        self.passes = 0  # completed scheduling passes (observability and tests)
+
+    def _notified(self, *_: object) -> None:
+        self._changed.set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Schedule until `stop` is set, listening for policy changes on a held connection."""
+        while not stop.is_set():
+            try:
+                async with self.ctx.pool.acquire() as conn:
+                    await conn.add_listener(CHANNEL, self._notified)
+                    try:
+                        await self._loop(conn, stop)
+                    finally:
+                        with contextlib.suppress(Exception):
+                            await conn.remove_listener(CHANNEL, self._notified)
+            except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError) as exc:
+                # The listener is an optimisation; lose it, keep polling, reconnect next time.
+                log.warning("scheduler.listen_lost", error=str(exc))
+                await self._wait(stop, seconds=self.ctx.settings.poll_interval)
+
+    async def _loop(self, conn: Any, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            self._changed.clear()
+            await self.pass_once()
+            # Probe the listening connection: a dead one would silently stop NOTIFYs.
+            await conn.fetchval("SELECT 1")
+            found = await load_policies(self.ctx.pool)
+            now = datetime.now(UTC)
+            await self._wait(stop, seconds=next_wakeup(found, now, self.ctx.settings.poll_interval))
+
+    async def pass_once(self, now: datetime | None = None) -> list[Scheduled]:
+        """One scheduling pass; wakes the dispatcher when it created runs."""
+        created = await schedule_pass(self.ctx, now)
+        self.passes += 1
+        if created and self.on_created is not None:
+            self.on_created.set()
+        return created
+
+    async def _wait(self, stop: asyncio.Event, *, seconds: float) -> None:
+        waiters = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._changed.wait())}
+        _, pending = await asyncio.wait(
+            waiters, timeout=max(seconds, 0.01), return_when=asyncio.FIRST_COMPLETED
+        )
+        for waiter in pending:
+            waiter.cancel()

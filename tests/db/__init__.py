@@ -1,0 +1,3 @@
+"""Tests of the database layer: migrations, schema constraints, policies, embedded Postgres."""
+
+from __future__ import annotations

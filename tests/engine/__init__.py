@@ -1,0 +1,1 @@
+"""End-to-end tests of the backup engine: real Postgres, the real simulator, faults on."""

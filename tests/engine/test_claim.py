@@ -1,0 +1,91 @@
+"""The claim statement: SKIP LOCKED, leases, reclaiming dead owners, heartbeat and release."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+
+from orchestrator import jobs, scheduler
+from orchestrator.db import policies as policy_rows
+from orchestrator.scheduler import Targets
+from tests.engine.conftest import insert_policy
+
+IDS = tuple(f"ins-claim{i:03d}" for i in range(10))
+
+
+async def _seed(pool: asyncpg.Pool, count: int = 10) -> int:
+    await insert_policy(pool, "claims", instance_ids=IDS[:count])
+    policy = await policy_rows.fetch_policy(pool, "claims")
+    assert policy is not None
+    slot = datetime.now(UTC).replace(second=0, microsecond=0)
+    run = await scheduler.create_run(pool, policy, slot, Targets(IDS[:count], ()), "manual")
+    return run.run_id
+
+
+async def _age_leases(pool: asyncpg.Pool) -> None:
+    await pool.execute(
+        "UPDATE jobs SET lease_expires_at = now() - interval '1 second'"
+        " WHERE lease_owner IS NOT NULL"
+    )
+
+
+async def test_concurrent_claimers_get_disjoint_jobs(pg_pool: asyncpg.Pool) -> None:
+    """Two workers claiming at once never get the same job (FOR UPDATE SKIP LOCKED)."""
+    await _seed(pg_pool)
+    a, b = await asyncio.gather(jobs.claim(pg_pool, "a", 6, 30), jobs.claim(pg_pool, "b", 6, 30))
+    ids_a, ids_b = {j.id for j in a}, {j.id for j in b}
+    assert not ids_a & ids_b
+    assert len(ids_a | ids_b) == 10
+    assert await jobs.claim(pg_pool, "c", 10, 30) == []
+
+
+async def test_expired_lease_is_reclaimed_by_the_next_claim(pg_pool: asyncpg.Pool) -> None:
+    """A dead owner's jobs come back after lease expiry, with no reaper; 'creating' is kept."""
+    await _seed(pg_pool, 2)
+    first, second = await jobs.claim(pg_pool, "dead", 2, 30)
+    async with pg_pool.acquire() as conn:
+        assert await jobs.mark_creating(conn, first, "dead")
+    assert await jobs.claim(pg_pool, "alive", 2, 30) == []
+    await _age_leases(pg_pool)
+    taken = {j.id: j.state for j in await jobs.claim(pg_pool, "alive", 2, 30)}
+    assert taken == {first.id: "creating", second.id: "claimed"}
+    async with pg_pool.acquire() as conn:
+        # The dead owner can no longer write: its lease was taken over.
+        assert not await jobs.mark_creating(conn, second, "dead")
+
+
+async def test_heartbeat_renews_only_own_leases(pg_pool: asyncpg.Pool) -> None:
+    """One batched UPDATE extends the leases a worker still holds, and only those."""
+    await _seed(pg_pool, 3)
+    mine = await jobs.claim(pg_pool, "me", 2, 1)
+    other = await jobs.claim(pg_pool, "other", 1, 1)
+    renewed = await jobs.renew(pg_pool, "me", [j.id for j in [*mine, *other]], 60)
+    assert renewed == 2
+    await pg_pool.execute("SELECT pg_sleep(1.1)")
+    assert [j.id for j in await jobs.claim(pg_pool, "thief", 3, 30)] == [other[0].id]
+
+
+async def test_release_returns_jobs_due_now(pg_pool: asyncpg.Pool) -> None:
+    """Released jobs are due at once: 'claimed' goes back to 'pending', 'creating' stays."""
+    await _seed(pg_pool, 2)
+    first, second = await jobs.claim(pg_pool, "me", 2, 30)
+    async with pg_pool.acquire() as conn:
+        await jobs.mark_creating(conn, first, "me")
+    assert await jobs.release(pg_pool, "me", [first.id, second.id]) == 2
+    rows = await pg_pool.fetch("SELECT id, state, lease_owner FROM jobs ORDER BY id")
+    assert [(r["state"], r["lease_owner"]) for r in rows] == [("creating", None), ("pending", None)]
+    assert len(await jobs.claim(pg_pool, "next", 5, 30)) == 2
+
+
+async def test_claim_skips_paused_accounts_and_future_retries(pg_pool: asyncpg.Pool) -> None:
+    """Jobs of a paused account and jobs whose retry time has not come are left alone."""
+    await _seed(pg_pool, 2)
+    later = datetime.now(UTC) + timedelta(hours=1)
+    await pg_pool.execute(
+        "UPDATE jobs SET next_attempt_at = $1 WHERE instance_id = $2", later, IDS[0]
+    )
+    assert await jobs.claim(pg_pool, "me", 5, 30, paused=["default"]) == []
+    assert [j.instance_id for j in await jobs.claim(pg_pool, "me", 5, 30)] == [IDS[1]]
+    assert await jobs.next_due(pg_pool) is not None

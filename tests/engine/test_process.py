@@ -1,0 +1,140 @@
+"""The daemon as a real process: SIGKILL at random moments, SIGTERM, exit codes."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import random
+import signal
+from dataclasses import replace
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from orchestrator import naming
+from orchestrator.simulator.config import Faults, SimConfig
+from orchestrator.simulator.fleet import generate_fleet
+from orchestrator.simulator.runner import Simulator
+from tests.engine.conftest import (
+    DaemonProcess,
+    assert_sim_clean,
+    config_toml,
+    daemon_env,
+    fast_settings,
+    insert_policy,
+    wait_for,
+)
+from tests.fixtures.sim import TEST_REGION, make_sim_config
+
+FLEET_SIZE = 40
+KILLS = 6
+
+
+@pytest.fixture
+def sim_config() -> SimConfig:
+    """40 instances whose images take a moment, with transient faults and dropped answers."""
+    return replace(
+        make_sim_config(),
+        instances=generate_fleet(FLEET_SIZE, regions=(TEST_REGION,), seed=99, data_disks=1),
+        create_delay=(0.2, 0.8),
+        faults=Faults(
+            internal_error_rate=0.1, drop_rate=0.05, after_create=0.5, latency=(0.0, 0.05)
+        ),
+        seed=99,
+    )
+
+
+@pytest.fixture
+def daemon(pg_dsn: str, simulator: Simulator, tmp_path: Path) -> DaemonProcess:
+    """A daemon command line on this test's database and simulator (not started)."""
+    settings = fast_settings(pg_dsn, simulator.url, lease_seconds=1.0, shutdown_grace=3.0)
+    config = config_toml(settings, tmp_path / "config.toml")
+    return DaemonProcess(daemon_env(pg_dsn, simulator.url, config, tmp_path), tmp_path / "log")
+
+
+async def _terminal(pool: asyncpg.Pool, expected: int) -> bool:
+    value = await pool.fetchval(
+        "SELECT count(*) FROM jobs WHERE state IN ('succeeded', 'failed', 'expired', 'skipped')"
+    )
+    return int(value) == expected
+
+
+async def _started(daemon: DaemonProcess, count: int) -> bool:
+    return sum(1 for e in daemon.events() if e["event"] == "daemon.started") >= count
+
+
+@pytest.mark.slow
+async def test_sigkill_at_random_moments_leaves_exactly_one_image_per_instance(
+    daemon: DaemonProcess, pg_pool: asyncpg.Pool, simulator: Simulator
+) -> None:
+    """Six SIGKILLs mid-run, then a clean finish: one NORMAL image per instance, no duplicate."""
+    await insert_policy(pg_pool, "crash", instance_tags={"backup": "daily"})
+    rng = random.Random(2024)
+    for round_no in range(1, KILLS + 1):
+        await daemon.start("run")
+        await wait_for(functools.partial(_started, daemon, round_no), within=30)
+        await asyncio.sleep(rng.uniform(0.05, 1.2))
+        await daemon.kill()
+    # The kills landed while calls were being made, not only during start-up.
+    assert await _has(daemon, "job.dispatched")
+    await daemon.start("run")
+    await wait_for(lambda: _terminal(pg_pool, FLEET_SIZE), within=60)
+    assert daemon.proc is not None
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert await daemon.wait(within=15) == 0
+    slot = await pg_pool.fetchval("SELECT slot FROM runs")
+    states = await pg_pool.fetch("SELECT DISTINCT state FROM jobs")
+    assert [r["state"] for r in states] == ["succeeded"]
+    for spec in simulator.config.instances:
+        name = naming.image_name("crash", spec.instance_id, slot)
+        made = simulator.state.images_named(name)
+        assert [(i.state, i.alive) for i in made] == [("NORMAL", True)], (name, made)
+    assert_sim_clean(simulator)
+
+
+async def test_sigterm_exits_zero_within_grace_and_releases_every_lease(
+    daemon: DaemonProcess, pg_pool: asyncpg.Pool, simulator: Simulator
+) -> None:
+    """SIGTERM mid-run: exit 0 within the grace period and no job left claimed."""
+    simulator.set_faults(Faults(latency=(0.3, 0.6)))
+    await insert_policy(pg_pool, "term", instance_tags={"backup": "daily"})
+    await daemon.start("run")
+
+    async def dispatched() -> bool:
+        return any(e["event"] == "job.dispatched" for e in daemon.events())
+
+    await wait_for(dispatched, within=30)
+    assert daemon.proc is not None
+    daemon.proc.send_signal(signal.SIGTERM)
+    # The grace period is 3 s; the bound below only keeps a hang from stalling the suite.
+    assert await daemon.wait(within=3.0 + 5.0) == 0
+    held = await pg_pool.fetchval("SELECT count(*) FROM jobs WHERE lease_owner IS NOT NULL")
+    assert held == 0
+    events = [e["event"] for e in daemon.events()]
+    assert events.index("daemon.stopping") < events.index("daemon.stopped")
+    assert_sim_clean(simulator)
+
+
+async def test_second_signal_exits_at_once(
+    daemon: DaemonProcess, pg_pool: asyncpg.Pool, simulator: Simulator
+) -> None:
+    """A second SIGTERM during the grace period ends the process immediately."""
+    simulator.set_faults(Faults(latency=(2.0, 2.5)))
+    await insert_policy(pg_pool, "twice", instance_tags={"backup": "daily"})
+    await daemon.start("run")
+
+    async def dispatched() -> bool:
+        return any(e["event"] == "job.dispatched" for e in daemon.events())
+
+    await wait_for(dispatched, within=30)
+    assert daemon.proc is not None
+    daemon.proc.send_signal(signal.SIGTERM)
+    await wait_for(lambda: _has(daemon, "daemon.stopping"), within=10)
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert await daemon.wait(within=10) == 128 + signal.SIGTERM
+    assert any(e["event"] == "daemon.killed" for e in daemon.events())
+
+
+async def _has(daemon: DaemonProcess, event: str) -> bool:
+    return any(e["event"] == event for e in daemon.events())

@@ -1,0 +1,116 @@
+"""The scheduler: idempotent slots, one catch-up run after downtime, NOTIFY, backup-now."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import pytest
+
+from orchestrator import scheduler
+from orchestrator.context import EngineContext
+from orchestrator.errors import UsageError
+from orchestrator.scheduler import Scheduler
+from orchestrator.simulator.runner import Simulator
+from tests.engine.conftest import insert_policy, wait_for
+
+T0 = datetime(2026, 11, 23, 10, 7, tzinfo=UTC)
+
+
+async def _runs(pool: asyncpg.Pool) -> list[datetime]:
+    return [r["slot"] for r in await pool.fetch("SELECT slot FROM runs ORDER BY slot")]
+
+
+async def test_pass_is_idempotent_and_records_missing_instances_as_skipped(
+    engine_ctx: EngineContext, pg_pool: asyncpg.Pool, simulator: Simulator
+) -> None:
+    """Two passes in one slot make one run; tagged and explicit targets; gone ids skipped."""
+    explicit = simulator.config.instances[0].instance_id
+    await insert_policy(
+        pg_pool,
+        "idem",
+        instance_ids=[explicit, "ins-gone0001"],
+        instance_tags={"role": "db"},
+        schedule="0 * * * *",
+        window="2 hours",
+    )
+    now = datetime.now(UTC)
+    first = await scheduler.schedule_pass(engine_ctx, now)
+    again = await scheduler.schedule_pass(engine_ctx, now + timedelta(seconds=30))
+    assert len(first) == 1
+    assert again == []
+    rows = await pg_pool.fetch("SELECT instance_id, state, reason FROM jobs")
+    by_id = {r["instance_id"]: (r["state"], r["reason"]) for r in rows}
+    tagged = {i.instance_id for i in simulator.config.instances if i.tags.get("role") == "db"}
+    assert by_id.pop("ins-gone0001") == ("skipped", "instance_gone")
+    assert set(by_id) == tagged | {explicit}
+    assert {s for s, _ in by_id.values()} == {"pending"}
+
+
+async def test_after_downtime_only_the_latest_missed_slot_runs(
+    engine_ctx: EngineContext, pg_pool: asyncpg.Pool, simulator: Simulator
+) -> None:
+    """Hours of missed hourly slots produce one run, for the most recent slot."""
+    await insert_policy(
+        pg_pool, "hourly", instance_tags={"role": "web"}, schedule="0 * * * *", window="1 day"
+    )
+    now = datetime.now(UTC)
+    await scheduler.schedule_pass(engine_ctx, now - timedelta(hours=6))
+    await scheduler.schedule_pass(engine_ctx, now)
+    latest = now.replace(minute=0, second=0, microsecond=0)
+    assert await _runs(pg_pool) == [latest - timedelta(hours=6), latest]
+
+
+async def test_slot_whose_window_closed_is_not_scheduled(
+    engine_ctx: EngineContext, pg_pool: asyncpg.Pool
+) -> None:
+    """A slot older than the completion window is left alone: its jobs could only expire."""
+    await insert_policy(
+        pg_pool, "late", instance_tags={"role": "web"}, schedule="0 0 1 1 *", window="1 hour"
+    )
+    assert await scheduler.schedule_pass(engine_ctx, datetime.now(UTC)) == []
+
+
+async def test_backup_now_twice_in_a_minute_creates_one_run(
+    engine_ctx: EngineContext, pg_pool: asyncpg.Pool
+) -> None:
+    """backup-now uses the current minute as its slot, so a second call creates nothing."""
+    await insert_policy(pg_pool, "manual", instance_tags={"role": "web"})
+    first = await scheduler.backup_now(engine_ctx, "manual", T0 + timedelta(seconds=5))
+    second = await scheduler.backup_now(engine_ctx, "manual", T0 + timedelta(seconds=55))
+    assert first.created
+    assert not second.created
+    assert first.run_id == second.run_id
+    assert first.slot == T0.replace(second=0)
+    jobs = await pg_pool.fetchval("SELECT count(*) FROM jobs")
+    assert jobs == first.jobs > 0
+    with pytest.raises(UsageError, match="no policy named"):
+        await scheduler.backup_now(engine_ctx, "nope")
+
+
+async def test_policy_change_is_picked_up_through_notify(
+    engine_ctx: EngineContext, pg_pool: asyncpg.Pool
+) -> None:
+    """A policy inserted while the loop sleeps is scheduled long before the next poll."""
+    ctx = replace(engine_ctx, settings=replace(engine_ctx.settings, poll_interval=600.0))
+    stop = asyncio.Event()
+    loop_ = Scheduler(ctx)
+    loop = asyncio.create_task(loop_.run(stop))
+    try:
+
+        async def first_pass_done() -> bool:
+            return loop_.passes >= 1
+
+        await wait_for(first_pass_done, within=10)
+        assert await _runs(pg_pool) == []
+        await insert_policy(pg_pool, "notified", instance_tags={"role": "web"})
+
+        async def scheduled() -> bool:
+            return len(await _runs(pg_pool)) == 1
+
+        await wait_for(scheduled, within=10)
+    finally:
+        stop.set()
+        await asyncio.wait_for(loop, 5)
