@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Iterable
 import asyncpg
 
 from orchestrator import logs
+from orchestrator.db.pool import DatabaseUnavailable
 
 log = logs.get("accounts")
 
@@ -30,6 +31,7 @@ _CONNECTION_LOST = (
     asyncpg.InterfaceError,
     OSError,
     TimeoutError,
+    DatabaseUnavailable,
 )
 
 Connect = Callable[[], Awaitable[asyncpg.Connection]]
@@ -83,7 +85,8 @@ class AccountLeases:
                 if account not in self._held and await self._try_lock(conn, account):
                     self._gain(account)
         except _CONNECTION_LOST as exc:
-            self._lose_all(repr(exc))
+            log.warning("account.lease_db_error", error=str(exc))
+            self._lose_all("lock connection lost")
             await self._discard()
 
     async def close(self) -> None:

@@ -25,9 +25,12 @@ from typing import Any
 import asyncpg
 
 from orchestrator import jobs, logs
+from orchestrator.accounts import AccountLeases
 from orchestrator.config import Settings
 from orchestrator.context import EngineContext
+from orchestrator.db.resilience import DbWatch
 from orchestrator.dispatcher import DB_BLIPS, Dispatcher
+from orchestrator.limiter import Limiters
 from orchestrator.scheduler import Scheduler
 
 log = logs.get("daemon")
@@ -65,6 +68,18 @@ async def engine_context(settings: Settings, pool: asyncpg.Pool) -> AsyncIterato
             )
             clients[account.name] = await stack.enter_async_context(client)
         yield EngineContext(pool=pool, clients=clients, settings=settings, worker_id=worker_id())
+
+
+async def account_leases(
+    ctx: EngineContext, on_change: Callable[[str, bool], None]
+) -> AccountLeases:
+    """Leases for every configured account, after a first try (so claiming starts at once)."""
+    from orchestrator.db import pool
+
+    settings = ctx.settings
+    leases = AccountLeases(ctx.clients, lambda: pool.connect(settings), on_change=on_change)
+    await leases.try_once()
+    return leases
 
 
 @asynccontextmanager
@@ -114,14 +129,23 @@ class Engine:
     """One running engine: its loops, their supervision and the graceful stop."""
 
     def __init__(
-        self, ctx: EngineContext, signals: Signals, *, once: bool = False, run_id: int | None = None
+        self,
+        ctx: EngineContext,
+        signals: Signals,
+        *,
+        once: bool = False,
+        run_id: int | None = None,
+        leases: AccountLeases | None = None,
     ) -> None:
         self.ctx = ctx
         self.signals = signals
         self.once = once
         self.run_id = run_id
         self.started_at = datetime.now(UTC)
-        self.dispatcher = Dispatcher(ctx, run_id=run_id)
+        # None: this engine drives every account (no other replica to share them with).
+        self.leases = leases
+        held = leases.held if leases is not None else None
+        self.dispatcher = Dispatcher(ctx, run_id=run_id, held=held)
         self.scheduler = Scheduler(ctx, on_created=self.dispatcher.wake)
         self._beat_stop = asyncio.Event()
         self._failed: list[str] = []
@@ -138,11 +162,8 @@ class Engine:
         )
         if self.once and self.run_id is None:
             await self.scheduler.pass_once()
+        beat = self._background()
         loops = self._loops(stop)
-        beat = asyncio.create_task(
-            self._supervised("heartbeat", self.dispatcher.heartbeat, self._beat_stop),
-            name="heartbeat",
-        )
         force = asyncio.create_task(self._force_exit(), name="force")
         try:
             # Supervised tasks set `stop` themselves when they die, so this is the only wait.
@@ -151,17 +172,39 @@ class Engine:
             await self._wind_down(loops, beat)
         finally:
             # Normally all done by now; when run() itself is cancelled, take every task down too.
-            for task in (force, beat, *loops):
+            for task in (force, *beat, *loops):
                 task.cancel()
             self.dispatcher.cancel_all()
         return await self._exit_code()
 
+    def _background(self) -> list[asyncio.Task[None]]:
+        # These outlive the loops: leases and job leases are kept until in-flight calls end.
+        made: list[tuple[str, Callable[[asyncio.Event], Awaitable[None]]]] = [
+            ("heartbeat", self.dispatcher.heartbeat)
+        ]
+        if self.leases is not None:
+            made.append(("account_leases", self.leases.run))
+        return [
+            asyncio.create_task(self._supervised(name, fn, self._beat_stop), name=name)
+            for name, fn in made
+        ]
+
+    def lease_changed(self, account: str, gained: bool) -> None:
+        """An account lease was gained or lost: fresh limiter on gain, claim at once."""
+        if gained:
+            limiter = self.ctx.client(account).limiter
+            if isinstance(limiter, Limiters):
+                # The previous holder may have just used the whole second (DESIGN §2.2).
+                limiter.forget(account)
+            self.dispatcher.wake.set()
+
     def _loops(self, stop: asyncio.Event) -> list[asyncio.Task[None]]:
         from orchestrator import tracker
 
+        held = self.leases.held if self.leases is not None else None
         made: list[tuple[str, Callable[[asyncio.Event], Awaitable[None]]]] = [
             ("dispatcher", self.dispatcher.run),
-            ("tracker", lambda s: tracker.run(self.ctx, s)),
+            ("tracker", lambda s: tracker.run(self.ctx, s, held)),
             ("sweeper", self._sweep),
         ]
         if not self.once:
@@ -202,7 +245,9 @@ class Engine:
             return f"task failed: {', '.join(self._failed)}"
         return "drained" if self.once else "signal"
 
-    async def _wind_down(self, loops: list[asyncio.Task[None]], beat: asyncio.Task[None]) -> None:
+    async def _wind_down(
+        self, loops: list[asyncio.Task[None]], beat: list[asyncio.Task[None]]
+    ) -> None:
         clock = asyncio.get_running_loop()
         deadline = clock.time() + self.ctx.settings.shutdown_grace
         # Loops see `stop` and return at their next await; in-flight calls get what is left of
@@ -213,7 +258,7 @@ class Engine:
         await asyncio.gather(*loops, return_exceptions=True)
         released = await self.dispatcher.shutdown(max(deadline - clock.time(), 0.0))
         self._beat_stop.set()
-        await asyncio.gather(beat, return_exceptions=True)
+        await asyncio.gather(*beat, return_exceptions=True)
         try:
             await self._complete_runs()
         except (asyncpg.PostgresError, *DB_BLIPS) as exc:
@@ -229,14 +274,13 @@ class Engine:
 
     async def _sweep(self, stop: asyncio.Event) -> None:
         """Complete finished runs; with --once, stop when no live job is left."""
+        watch = DbWatch("sweeper", stop)
         while not stop.is_set():
-            try:
+            async with watch:
                 await self._complete_runs()
                 if self.once and await self._drained():
                     stop.set()
                     return
-            except DB_BLIPS as exc:
-                log.warning("sweeper.db_error", error=repr(exc))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=_SWEEP_INTERVAL)
 
@@ -278,7 +322,10 @@ async def run(settings: Settings, *, once: bool = False, run_id: int | None = No
     signals.install()
     try:
         async with open_pool(settings) as pool, engine_context(settings, pool) as ctx:
-            return await Engine(ctx, signals, once=once, run_id=run_id).run()
+            engine = Engine(ctx, signals, once=once, run_id=run_id)
+            engine.leases = await account_leases(ctx, engine.lease_changed)
+            engine.dispatcher.held = engine.leases.held
+            return await engine.run()
     finally:
         signals.uninstall()
 

@@ -18,6 +18,7 @@ import structlog
 
 from orchestrator import backoff, jobs, logs, naming
 from orchestrator.context import EngineContext
+from orchestrator.db.resilience import DbWatch, is_connection_error
 from orchestrator.jobs import Job
 from orchestrator.tencent.errors import ErrorClass, TencentError
 from orchestrator.tencent.models import CreateImageResult, Image
@@ -65,36 +66,41 @@ class Dispatcher:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Claim and start due jobs until `stop` is set."""
+        watch = DbWatch("dispatcher", stop)
         while not stop.is_set():
-            try:
+            # The database away (a restart): claim again after a backoff. Bugs propagate.
+            async with watch:
                 started = await self.dispatch_once(stop)
                 if started == 0 and not stop.is_set():
                     await self._idle(stop)
-            except DB_BLIPS as exc:
-                # The database blinked: claim again shortly. Bugs are not caught here.
-                log.warning("dispatcher.db_error", error=repr(exc))
-                await _pause(stop, self.ctx.settings.poll_interval)
 
     async def dispatch_once(self, stop: asyncio.Event) -> int:
         """Claim as many due jobs as there are free slots and start them; how many started."""
         wanted = await self._take_slots(stop)
         if wanted == 0:
             return 0
-        claimed = await jobs.claim(
-            self.ctx.pool,
-            self.ctx.worker_id,
-            wanted,
-            self.ctx.settings.lease_seconds,
-            paused=sorted(self.paused),
-            run_id=self.run_id,
-            accounts=self._accounts(),
-        )
-        for _ in range(wanted - len(claimed)):
-            self._slots.release()
+        claimed: list[Job] = []
+        try:
+            claimed = await jobs.claim(
+                self.ctx.pool,
+                self.ctx.worker_id,
+                wanted,
+                self.ctx.settings.lease_seconds,
+                paused=sorted(self.paused),
+                run_id=self.run_id,
+                accounts=self._accounts(),
+            )
+        finally:
+            # A failed claim (the database away) must give its slots back, or they leak for good.
+            self._give_back(wanted - len(claimed))
         for job in claimed:
             task = asyncio.create_task(self._guarded(job), name=f"job-{job.id}")
             self._in_flight[job.id] = task
         return len(claimed)
+
+    def _give_back(self, slots: int) -> None:
+        for _ in range(slots):
+            self._slots.release()
 
     def _accounts(self) -> Collection[str] | None:
         return None if self.held is None else self.held()
@@ -139,13 +145,12 @@ class Dispatcher:
     async def heartbeat(self, stop: asyncio.Event) -> None:
         """Renew the leases of jobs in flight in one batched UPDATE, three times per lease."""
         interval = self.ctx.settings.lease_seconds / 3
+        # Leases are three beats long: one missed beat loses nothing, so no extra backoff.
+        watch = DbWatch("heartbeat", stop, first=0.0)
         while not stop.is_set():
             await _pause(stop, interval)
-            try:
+            async with watch:
                 await self.renew()
-            except DB_BLIPS as exc:
-                # Leases are three beats long: one missed beat loses nothing.
-                log.warning("heartbeat.db_error", error=repr(exc))
 
     async def renew(self) -> None:
         """One heartbeat beat."""
@@ -184,7 +189,11 @@ class Dispatcher:
                 await self._process(job)
         except asyncio.CancelledError:
             raise
-        except Exception:  # one broken job must not stop the others
+        except Exception as exc:  # one broken job must not stop the others
+            if is_connection_error(exc):
+                # Its outcome may be unrecorded: the lease lapses and a reclaim resolves it by name.
+                log.warning("job.db_unavailable", job=job.id, error=repr(exc))
+                return
             # The lease lapses and the job is reclaimed; a 'creating' one is resolved by name.
             log.exception("job.error", job=job.id)
         finally:

@@ -257,6 +257,7 @@ class _Errors:
         self.where, self.label, self.messages = where, label, list[str]()
 
     def add(self, field_name: str, problem: str) -> None:
+        """Record one problem with one field."""
         self.messages.append(f"{self.where}: policy {self.label}: {field_name}: {problem}")
 
 

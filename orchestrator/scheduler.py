@@ -24,6 +24,7 @@ import asyncpg
 from orchestrator import backoff, logs, naming, policies
 from orchestrator.context import EngineContext
 from orchestrator.db import policies as policy_rows
+from orchestrator.db.resilience import DbWatch
 from orchestrator.errors import UsageError
 from orchestrator.policies import Policy
 from orchestrator.tencent.errors import ErrorClass, TencentError
@@ -271,25 +272,23 @@ class Scheduler:
         self.on_created = on_created  # set after a pass that created runs (wakes the dispatcher)
         self._changed = asyncio.Event()
         self.passes = 0  # completed scheduling passes (observability and tests)
+        self._db = DbWatch("scheduler")
 
     def _notified(self, *_: object) -> None:
         self._changed.set()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Schedule until `stop` is set, listening for policy changes on a held connection."""
+        self._db.stop = stop
         while not stop.is_set():
-            try:
-                async with self.ctx.pool.acquire() as conn:
-                    await conn.add_listener(CHANNEL, self._notified)
-                    try:
-                        await self._loop(conn, stop)
-                    finally:
-                        with contextlib.suppress(Exception):
-                            await conn.remove_listener(CHANNEL, self._notified)
-            except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError) as exc:
-                # The listener is an optimisation; lose it, keep polling, reconnect next time.
-                log.warning("scheduler.listen_lost", error=str(exc))
-                await self._wait(stop, seconds=self.ctx.settings.poll_interval)
+            # The database away (a restart): back off, then listen on a fresh connection.
+            async with self._db, self.ctx.pool.acquire() as conn:
+                await conn.add_listener(CHANNEL, self._notified)
+                try:
+                    await self._loop(conn, stop)
+                finally:
+                    with contextlib.suppress(Exception):
+                        await conn.remove_listener(CHANNEL, self._notified)
 
     async def _loop(self, conn: Any, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -297,6 +296,7 @@ class Scheduler:
             await self.pass_once()
             # Probe the listening connection: a dead one would silently stop NOTIFYs.
             await conn.fetchval("SELECT 1")
+            self._db.ok()
             found = await load_policies(self.ctx.pool)
             now = datetime.now(UTC)
             await self._wait(stop, seconds=next_wakeup(found, now, self.ctx.settings.poll_interval))

@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -30,6 +30,7 @@ import structlog
 from orchestrator import logs, retention, rotation
 from orchestrator.config import Settings
 from orchestrator.context import EngineContext
+from orchestrator.db.resilience import DbWatch
 from orchestrator.rotation import Conn, LiveImage
 from orchestrator.tencent.errors import TencentError
 from orchestrator.tencent.models import Image
@@ -40,6 +41,8 @@ BATCH = 100  # DescribeImages takes at most 100 ImageIds
 VANISHED_GRACE = timedelta(seconds=30)
 FAILED_CODE = "ImageCreateFailed"
 VANISHED_CODE = "ImageVanished"
+# The accounts whose lease this replica holds; None: every account (a single daemon, tests).
+Held = Callable[[], Collection[str]] | None
 
 _TRACKED = """
 SELECT j.image_id, j.account, j.region, j.policy_id, j.instance_id, j.id AS job_id,
@@ -269,9 +272,14 @@ def _batches(tracked: Iterable[Tracked]) -> list[list[Tracked]]:
     return [g[i : i + BATCH] for g in groups.values() for i in range(0, len(g), BATCH)]
 
 
-async def _tracked(ctx: EngineContext) -> list[Tracked]:
+async def _tracked(ctx: EngineContext, held: Held = None) -> list[Tracked]:
     rows = await ctx.pool.fetch(_TRACKED)
-    return [Tracked(**dict(row)) for row in rows]
+    found = [Tracked(**dict(row)) for row in rows]
+    if held is None:
+        return found
+    # Only the replica holding an account's lease calls its API (orchestrator.accounts).
+    accounts = held()
+    return [t for t in found if t.account in accounts]
 
 
 async def _apply_retention(ctx: EngineContext, ready: Iterable[Tracked]) -> None:
@@ -289,11 +297,11 @@ async def _apply_retention(ctx: EngineContext, ready: Iterable[Tracked]) -> None
             )
 
 
-async def poll_once(ctx: EngineContext) -> int:
-    """Poll every image in flight once and record outcomes; how many are still in flight."""
+async def poll_once(ctx: EngineContext, held: Held = None) -> int:
+    """Poll every image in flight once (of `held` accounts); how many are still in flight."""
     in_flight = 0
     ready: set[Tracked] = set()
-    for batch in _batches(await _tracked(ctx)):
+    for batch in _batches(await _tracked(ctx, held)):
         try:
             count, done = await _poll_batch(ctx, batch)
         except TencentError as exc:
@@ -326,23 +334,26 @@ def next_interval(in_flight: int, settings: Settings) -> float:
     return max(low, min(high, high / math.sqrt(in_flight)))
 
 
-async def _tracked_ids(ctx: EngineContext) -> set[str]:
-    return {t.image_id for t in await _tracked(ctx)}
+async def _tracked_ids(ctx: EngineContext, held: Held) -> set[str]:
+    return {t.image_id for t in await _tracked(ctx, held)}
 
 
-async def run(ctx: EngineContext, stop: asyncio.Event) -> None:
+async def run(ctx: EngineContext, stop: asyncio.Event, held: Held = None) -> None:
     """Poll until `stop` is set: at once when new images appear, else at the adaptive interval."""
     loop = asyncio.get_running_loop()
     seen: set[str] = set()
     due = loop.time()
+    watch = DbWatch("tracker", stop)
     while not stop.is_set():
         try:
-            ids = await _tracked_ids(ctx)
-            if ids - seen or loop.time() >= due:
-                in_flight = await poll_once(ctx)
-                seen, due = ids, loop.time() + next_interval(in_flight, ctx.settings)
+            # The database away: back off and poll again. Other database errors: next tick.
+            async with watch:
+                ids = await _tracked_ids(ctx, held)
+                if ids - seen or loop.time() >= due:
+                    in_flight = await poll_once(ctx, held)
+                    seen, due = ids, loop.time() + next_interval(in_flight, ctx.settings)
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
-            # The database blinked; the next tick tries again. Bugs are not caught here.
+            # A statement failed (a deadlock, say); the next tick tries again.
             log.warning("tracker.poll_failed", error=repr(exc))
         await _sleep(stop, ctx.settings.tracker_min_interval)
 

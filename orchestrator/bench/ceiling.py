@@ -12,11 +12,10 @@ import resource
 from typing import Any
 
 from orchestrator.bench.daemon import DaemonConfig
-from orchestrator.bench.fleet import DUE_WINDOW
 from orchestrator.bench.harness import Env, daemon_config, daemon_for, drive, stage
 from orchestrator.bench.measures import ratio, seconds, span_rate
 from orchestrator.bench.options import Options
-from orchestrator.bench.records import add_policy, tally, timeline
+from orchestrator.bench.records import Timeline, add_due_policy, tally, timeline
 from orchestrator.bench.simside import TAGS, Fleet, api_summary, make_fleet
 from orchestrator.config import DEFAULT_LIMITS
 from orchestrator.simulator.config import NO_LIMITS
@@ -47,25 +46,13 @@ async def engine_ceiling(env: Env) -> dict[str, Any]:
     fleet = unlimited_fleet(options.ceiling_jobs, options.seed)
     async with stage(env, fleet) as st:
         own_cpu = _own_cpu()
-        await add_policy(
-            st.dsn, "bench-ceiling", schedule="0 0 * * *", window=DUE_WINDOW, tags=TAGS
-        )
+        await add_due_policy(st.dsn, "bench-ceiling", tags=TAGS)
         daemon = daemon_for(env, st, "ceiling", lifted_config(options))
         code = await drive(daemon, st, max(_TIMEOUT_FLOOR, options.ceiling_jobs / 10))
         own_cpu = _own_cpu() - own_cpu
         line = await timeline(st.pool)
-        creates = st.arrivals.of("CreateImage")
-        took = None if line.last_finished is None else line.last_finished - line.run_created
-        rate = span_rate(creates)
         return {
-            "jobs": line.jobs,
-            "seconds": seconds(took),
-            "jobs_per_second": ratio(line.jobs, took, 1),
-            "create_rate": None if rate is None else round(rate, 1),
-            "scheduling_seconds": seconds(line.run_created - daemon.started_at),
-            "last_create_to_recorded_seconds": seconds(
-                line.last_finished - creates[-1] if line.last_finished and creates else None
-            ),
+            **_figures(line, st.arrivals.of("CreateImage"), daemon.started_at),
             "states": await tally(st.pool),
             "api": api_summary(st.sim, st.arrivals),
             "daemon": {
@@ -76,6 +63,21 @@ async def engine_ceiling(env: Env) -> dict[str, Any]:
             # The simulator shares the host's cores with the daemon and Postgres.
             "simulator_cpu_seconds": round(own_cpu, 2),
         }
+
+
+def _figures(line: Timeline, creates: list[float], spawned: float) -> dict[str, Any]:
+    took = None if line.last_finished is None else line.last_finished - line.run_created
+    rate = span_rate(creates)
+    # From the last CreateImage to the last job recorded: the tracker's share of the run.
+    tail = line.last_finished - creates[-1] if line.last_finished and creates else None
+    return {
+        "jobs": line.jobs,
+        "seconds": seconds(took),
+        "jobs_per_second": ratio(line.jobs, took, 1),
+        "create_rate": None if rate is None else round(rate, 1),
+        "scheduling_seconds": seconds(line.run_created - spawned),
+        "last_create_to_recorded_seconds": seconds(tail),
+    }
 
 
 def _own_cpu() -> float:

@@ -15,9 +15,8 @@ from typing import Any
 
 from orchestrator.bench.ceiling import lifted_config, unlimited_fleet
 from orchestrator.bench.daemon import Daemon, Memory
-from orchestrator.bench.fleet import DUE_WINDOW
 from orchestrator.bench.harness import BenchError, Env, Stage, daemon_for, stage
-from orchestrator.bench.records import add_policy, poll, run_created, tally
+from orchestrator.bench.records import add_due_policy, poll, run_created, tally
 
 STARTED_EVENT = '"daemon.started"'
 _START_TIMEOUT = 60.0
@@ -66,27 +65,35 @@ async def _measure(env: Env, st: Stage, daemon: Daemon, ids: list[str]) -> dict[
     peaks: list[float] = []
     sampler = asyncio.create_task(_sample(daemon, peaks))
     try:
-        began = time.monotonic()
-        await add_policy(st.dsn, "bench-memory", schedule="0 0 * * *", window=DUE_WINDOW, ids=ids)
-        if not await poll(lambda: run_created(st.pool), within=600, interval=0.25):
-            raise BenchError(f"no run was created:\n{daemon.tail()}")
-        scheduled = time.monotonic() - began
-        after_schedule = daemon.memory()
-        await asyncio.sleep(env.options.memory_seconds)
-        final = daemon.memory()
+        found = await _load(env, st, daemon, ids)
     finally:
         sampler.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await sampler
-    jobs = await st.pool.fetchval("SELECT count(*) FROM jobs")
+    final = found.pop("final_memory")
     return {
-        "jobs": int(jobs),
-        "scheduling_seconds": round(scheduled, 2),
-        "dispatch_seconds": env.options.memory_seconds,
+        "jobs": int(await st.pool.fetchval("SELECT count(*) FROM jobs")),
+        **found,
         "idle": _mib(idle),
-        "after_schedule": _mib(after_schedule),
         "final": _mib(final),
         "peak_rss_mb": final.peak if final else None,
         "max_sampled_rss_mb": max(peaks, default=None),
         "source": "/proc/PID/status VmHWM" if final else "unavailable (not Linux)",
+    }
+
+
+async def _load(env: Env, st: Stage, daemon: Daemon, ids: list[str]) -> dict[str, Any]:
+    """Store the policy, wait for its run, let the engine work on it; readings on the way."""
+    began = time.monotonic()
+    await add_due_policy(st.dsn, "bench-memory", ids=ids)
+    if not await poll(lambda: run_created(st.pool), within=600, interval=0.25):
+        raise BenchError(f"no run was created:\n{daemon.tail()}")
+    scheduled = time.monotonic() - began
+    after_schedule = daemon.memory()
+    await asyncio.sleep(env.options.memory_seconds)
+    return {
+        "scheduling_seconds": round(scheduled, 2),
+        "dispatch_seconds": env.options.memory_seconds,
+        "after_schedule": _mib(after_schedule),
+        "final_memory": daemon.memory(),
     }

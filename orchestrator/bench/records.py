@@ -15,6 +15,8 @@ from orchestrator.db.pool import connect_dsn
 from orchestrator.policies import Policy, Retention
 
 TERMINAL = ("succeeded", "failed", "expired", "skipped")
+# Long enough that today's 00:00 UTC slot is still open whenever the bench runs.
+DUE_WINDOW = timedelta(days=2)
 
 
 async def add_policy(
@@ -42,6 +44,13 @@ async def add_policy(
         await policy_rows.apply(conn, [policy])
     finally:
         await conn.close()
+
+
+async def add_due_policy(
+    dsn: str, name: str, *, tags: Mapping[str, str] | None = None, ids: Sequence[str] = ()
+) -> None:
+    """A daily policy whose latest slot (today, 00:00 UTC) is due at once."""
+    await add_policy(dsn, name, schedule="0 0 * * *", window=DUE_WINDOW, tags=tags, ids=ids)
 
 
 async def tally(pool: asyncpg.Pool) -> dict[str, int]:

@@ -12,10 +12,10 @@ import sys
 from typing import Any
 
 from orchestrator.bench.baseline import MISSING_SDK, SdkMissing, run_baseline
-from orchestrator.bench.fleet import DUE_WINDOW, drain_timeout, limit_fleet
+from orchestrator.bench.fleet import drain_timeout, limit_fleet
 from orchestrator.bench.harness import Env, daemon_config, daemon_for, drive, stage
 from orchestrator.bench.options import Options
-from orchestrator.bench.records import add_policy, tally, timeline
+from orchestrator.bench.records import add_due_policy, tally, timeline
 from orchestrator.bench.simside import TAGS, Fleet, api_summary, backed_up, serve
 from orchestrator.simulator.config import Faults
 
@@ -63,9 +63,7 @@ async def sdk_loop(env: Env, fleet: Fleet, pause: float = 0.0) -> dict[str, Any]
 async def cvm_backup(env: Env, fleet: Fleet, name: str) -> dict[str, Any]:
     """cvm-backup against a fresh simulator for `fleet`, policy due at once."""
     async with stage(env, fleet) as st:
-        await add_policy(
-            st.dsn, f"bench-{name}", schedule="0 0 * * *", window=DUE_WINDOW, tags=TAGS
-        )
+        await add_due_policy(st.dsn, f"bench-{name}", tags=TAGS)
         daemon = daemon_for(env, st, name, daemon_config(env.options))
         code = await drive(daemon, st, drain_timeout(env.options, env.options.busy_seconds * 4))
         line = await timeline(st.pool)

@@ -123,7 +123,7 @@ def list_rows(policies: list[Policy], now: datetime) -> list[tuple[str, ...]]:
         "NEXT SLOT",
         "TARGETS",
     )
-    rows = [header]
+    rows: list[tuple[str, ...]] = [header]
     for p in policies:
         rows.append(
             (

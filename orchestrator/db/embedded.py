@@ -58,6 +58,6 @@ def start(home: Path, *, cleanup_mode: str | None = "stop") -> Any:
 
 
 def dsn(home: Path) -> str:
-    """The DSN of the embedded server for `home`, starting it if needed (trust auth, no password)."""
+    """The embedded server's DSN for `home`, starting it if needed (trust auth, no password)."""
     uri: str = start(home).get_uri()
     return uri

@@ -11,10 +11,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from importlib import resources
-
-import asyncpg
+from typing import TYPE_CHECKING
 
 from orchestrator.errors import UsageError
+
+if TYPE_CHECKING:
+    from orchestrator.db.pool import Conn
 
 # Arbitrary but fixed: every cvm-backup process must agree on it ("cvmbkmig" in ASCII).
 LOCK_KEY = 0x6376_6D62_6B6D_6967
@@ -103,26 +105,26 @@ def available() -> tuple[Migration, ...]:
     return tuple(found[v] for v in sorted(found))
 
 
-async def _applied(conn: asyncpg.Connection) -> tuple[int, ...]:
+async def _applied(conn: Conn) -> tuple[int, ...]:
     if await conn.fetchval("SELECT to_regclass('schema_migrations')") is None:
         return ()
     rows = await conn.fetch("SELECT version FROM schema_migrations ORDER BY version")
     return tuple(r["version"] for r in rows)
 
 
-async def schema_status(conn: asyncpg.Connection) -> SchemaStatus:
+async def schema_status(conn: Conn) -> SchemaStatus:
     """What is applied and what is pending; reads only."""
     return SchemaStatus(await _applied(conn), available())
 
 
-async def ensure_current(conn: asyncpg.Connection) -> None:
+async def ensure_current(conn: Conn) -> None:
     """Raise SchemaError unless the schema is exactly current (the daemon calls this first)."""
     status = await schema_status(conn)
     if not status.current:
         raise SchemaError(f"database schema is not current: {status.describe()}")
 
 
-async def _apply(conn: asyncpg.Connection, migration: Migration) -> None:
+async def _apply(conn: Conn, migration: Migration) -> None:
     async with conn.transaction():
         await conn.execute(migration.sql)
         await conn.execute(
@@ -132,7 +134,7 @@ async def _apply(conn: asyncpg.Connection, migration: Migration) -> None:
         )
 
 
-async def migrate(conn: asyncpg.Connection) -> tuple[Migration, ...]:
+async def migrate(conn: Conn) -> tuple[Migration, ...]:
     """Apply every pending migration in order; return what was applied (empty: no-op)."""
     # A session lock, not a transaction lock: it must span several transactions.
     await conn.execute("SELECT pg_advisory_lock($1)", LOCK_KEY)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
@@ -24,6 +24,9 @@ from orchestrator.policies import (
     format_duration,
     validate,
 )
+
+if TYPE_CHECKING:
+    from orchestrator.db.pool import Conn
 
 _COLUMNS = (
     "id, name, account, region, schedule, timezone, instance_ids, instance_tags, force_poweroff,"
@@ -97,7 +100,7 @@ def _valid(rows: Sequence[asyncpg.Record]) -> list[Policy]:
 
 
 async def fetch_policies(
-    conn: asyncpg.Connection | asyncpg.Pool, *, enabled_only: bool = False
+    conn: Conn | asyncpg.Pool[asyncpg.Record], *, enabled_only: bool = False
 ) -> list[Policy]:
     """Every valid policy by name (invalid rows are logged and skipped)."""
     where = "WHERE enabled" if enabled_only else ""
@@ -105,14 +108,14 @@ async def fetch_policies(
     return _valid(rows)
 
 
-async def fetch_policy(conn: asyncpg.Connection | asyncpg.Pool, name: str) -> Policy | None:
+async def fetch_policy(conn: Conn | asyncpg.Pool[asyncpg.Record], name: str) -> Policy | None:
     """One policy by name; None if absent; PolicyError if the row is invalid."""
     row = await conn.fetchrow(f"SELECT {_COLUMNS} FROM policies WHERE name = $1", name)
     return None if row is None else row_to_policy(row)
 
 
 async def fetch_policy_by_id(
-    conn: asyncpg.Connection | asyncpg.Pool, policy_id: int
+    conn: Conn | asyncpg.Pool[asyncpg.Record], policy_id: int
 ) -> Policy | None:
     """One policy by id; None if absent; PolicyError if the row is invalid."""
     row = await conn.fetchrow(f"SELECT {_COLUMNS} FROM policies WHERE id = $1", policy_id)
@@ -144,7 +147,7 @@ def _params(policy: Policy) -> tuple[Any, ...]:
     )
 
 
-async def upsert(conn: asyncpg.Connection, policy: Policy) -> None:
+async def upsert(conn: Conn, policy: Policy) -> None:
     """Insert or update one policy by name (call inside a transaction)."""
     await conn.execute(_UPSERT, *_params(policy))
 
@@ -157,7 +160,7 @@ class PruneResult:
     disabled: tuple[str, ...]
 
 
-async def plan_prune(conn: asyncpg.Connection, names: Sequence[str]) -> PruneResult:
+async def plan_prune(conn: Conn, names: Sequence[str]) -> PruneResult:
     """Which of `names` would be deleted (no history) and which disabled (runs or images)."""
     rows = await conn.fetch(
         "SELECT p.name FROM policies p WHERE p.name = ANY($1::text[])"
@@ -170,7 +173,7 @@ async def plan_prune(conn: asyncpg.Connection, names: Sequence[str]) -> PruneRes
     return PruneResult(deleted, tuple(sorted(with_history)))
 
 
-async def prune(conn: asyncpg.Connection, plan: PruneResult) -> None:
+async def prune(conn: Conn, plan: PruneResult) -> None:
     """Carry out a prune plan (inside the transaction that made it)."""
     await conn.execute("DELETE FROM policies WHERE name = ANY($1::text[])", list(plan.deleted))
     await conn.execute(
@@ -188,7 +191,7 @@ class ApplyResult:
 
 
 async def apply(
-    conn: asyncpg.Connection,
+    conn: Conn,
     wanted: Sequence[Policy],
     *,
     dry_run: bool = False,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import asyncpg
 
@@ -18,6 +18,12 @@ from orchestrator.db.dsn import redact
 from orchestrator.errors import UsageError
 
 CONNECT_TIMEOUT = 10.0
+
+if TYPE_CHECKING:
+    from asyncpg.pool import PoolConnectionProxy
+
+    # What query functions accept: a plain connection or one acquired from a pool.
+    Conn: TypeAlias = asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]
 
 
 class DatabaseUnavailable(UsageError):
@@ -48,7 +54,7 @@ async def connect_dsn(dsn: str) -> asyncpg.Connection:
     """One connection with our codecs; unreachable -> DatabaseUnavailable."""
     try:
         conn = await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT)
-    except (OSError, asyncio.TimeoutError, asyncpg.PostgresError) as exc:
+    except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
         raise _unavailable(dsn, exc) from None
     await init_connection(conn)
     return conn
@@ -70,7 +76,7 @@ async def create_pool_dsn(dsn: str, *, min_size: int = 1, max_size: int = 10) ->
             init=init_connection,
             timeout=CONNECT_TIMEOUT,
         )
-    except (OSError, asyncio.TimeoutError, asyncpg.PostgresError) as exc:
+    except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
         raise _unavailable(dsn, exc) from None
     return pool  # type: ignore[no-any-return]
 

@@ -57,8 +57,13 @@ def test_concurrent_migrate_processes_apply_once(pg_empty_dsn: str) -> None:
     """Two `cvm-backup migrate` processes at once leave one applied copy and both exit 0."""
     env = {**os.environ, "CVM_BACKUP_DATABASE_URL": pg_empty_dsn}
     procs = [
-        subprocess.Popen([sys.executable, "-m", "orchestrator", "migrate"], env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-m", "orchestrator", "migrate"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for _ in range(2)
     ]
     outputs = [p.communicate(timeout=60) for p in procs]
@@ -82,11 +87,11 @@ async def test_schema_status_reports_pending_on_empty_database(pg_empty_dsn: str
         await conn.close()
 
 
-async def test_newer_database_is_refused(pg_pool: asyncpg.Pool) -> None:
+async def test_newer_database_is_refused(pg_pool: asyncpg.Pool[asyncpg.Record]) -> None:
     """A schema version the code does not ship blocks migrate and the daemon's check."""
     async with pg_pool.acquire() as conn:
         await conn.execute("INSERT INTO schema_migrations (version, name) VALUES (9999, 'future')")
-        with pytest.raises(migrate.SchemaError, match="9999.*upgrade cvm-backup"):
+        with pytest.raises(migrate.SchemaError, match=r"9999.*upgrade cvm-backup"):
             await migrate.migrate(conn)
         with pytest.raises(migrate.SchemaError, match="not current"):
             await migrate.ensure_current(conn)

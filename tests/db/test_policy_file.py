@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -60,20 +59,41 @@ CASES = [
     ("negative-keep", bad("keep_last = 7", "keep_last = -1"), "retention.keep_last: expected"),
     ("bool-keep", bad("keep_last = 7", "keep_last = true"), "retention.keep_last: expected"),
     ("string-keep", bad("keep_daily = 7", 'keep_daily = "7"'), "retention.keep_daily: expected"),
-    ("no-keep-rule", bad("keep_last = 7\nkeep_daily = 7", "keep_last = 0"),
-     "retention: expected at least one keep rule"),
-    ("no-retention", GOOD.split("[policies.retention]")[0], "retention: expected a"),
-    ("zero-max-age", bad("max_age_days = 400", "max_age_days = 0"),
-     "retention.max_age_days: expected"),
-    ("unknown-retention-key", bad("keep_daily = 7", "keep_hourly = 7"),
-     "retention.keep_hourly: unknown key"),
-    ("empty-targets", bad('instance_ids = ["ins-6pb6lrmy"]\ninstance_tags = { backup = "nightly" }',
-                          "instance_ids = []"), "instance_ids: expected at least one target"),
+    (
+        "no-keep-rule",
+        bad("keep_last = 7\nkeep_daily = 7", "keep_last = 0"),
+        "retention: expected at least one keep rule",
+    ),
+    ("no-retention", GOOD.split("[policies.retention]", maxsplit=1)[0], "retention: expected a"),
+    (
+        "zero-max-age",
+        bad("max_age_days = 400", "max_age_days = 0"),
+        "retention.max_age_days: expected",
+    ),
+    (
+        "unknown-retention-key",
+        bad("keep_daily = 7", "keep_hourly = 7"),
+        "retention.keep_hourly: unknown key",
+    ),
+    (
+        "empty-targets",
+        bad(
+            'instance_ids = ["ins-6pb6lrmy"]\ninstance_tags = { backup = "nightly" }',
+            "instance_ids = []",
+        ),
+        "instance_ids: expected at least one target",
+    ),
     ("bad-instance-id", bad('"ins-6pb6lrmy"', '"i-123"'), "instance_ids: expected"),
-    ("unknown-key", bad('on_quota = "rotate"', 'on_quota = "rotate"\nschedul = "x"'),
-     "schedul: unknown key"),
-    ("wrong-type-bool", bad("force_poweroff = false", 'force_poweroff = "no"'),
-     "force_poweroff: expected true or false"),
+    (
+        "unknown-key",
+        bad('on_quota = "rotate"', 'on_quota = "rotate"\nschedul = "x"'),
+        "schedul: unknown key",
+    ),
+    (
+        "wrong-type-bool",
+        bad("force_poweroff = false", 'force_poweroff = "no"'),
+        "force_poweroff: expected true or false",
+    ),
     ("wrong-type-ids", bad('["ins-6pb6lrmy"]', '"ins-6pb6lrmy"'), "instance_ids: expected"),
     ("bad-duration", bad('"6h"', '"6 hours"'), "completion_window: expected a duration"),
     ("int-duration", bad('"6h"', "6"), "completion_window: expected a duration"),
@@ -81,7 +101,11 @@ CASES = [
     ("bad-region", bad('"ap-guangzhou"', '"guangzhou"'), "region: expected a region"),
     ("missing-region", bad('region = "ap-guangzhou"\n', ""), "region: missing"),
     ("bad-tag-map", bad('{ backup = "nightly" }', "{ backup = 1 }"), "instance_tags: expected"),
-    ("empty-tag-value", bad('{ backup = "nightly" }', '{ backup = "" }'), "instance_tags: expected"),
+    (
+        "empty-tag-value",
+        bad('{ backup = "nightly" }', '{ backup = "" }'),
+        "instance_tags: expected",
+    ),
     ("bad-on-quota", bad('"rotate"', '"ignore"'), 'on_quota: expected "rotate" or "fail"'),
     ("duplicate-names", GOOD + GOOD, "name: duplicate"),
     ("bad-toml", GOOD + "\nname = = broken\n", "not valid TOML"),
@@ -96,12 +120,12 @@ def _snapshot(dsn: str) -> list[tuple[object, ...]]:
 
 
 @pytest.fixture
-def cli_env(pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+def cli_env(pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> str:
     """The CLI pointed at this test's database and nothing else."""
     monkeypatch.setenv("CVM_BACKUP_DATABASE_URL", pg_dsn)
     for var in ("DATABASE_URL", "CVM_BACKUP_CONFIG"):
         monkeypatch.delenv(var, raising=False)
-    yield pg_dsn
+    return pg_dsn
 
 
 @pytest.mark.parametrize(("text", "expected"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
@@ -131,8 +155,9 @@ def test_malformed_file_changes_nothing(
 
 def test_every_error_in_a_file_is_reported() -> None:
     """Problems in several fields and policies are all listed, each with its policy."""
-    text = bad('"0 3 * * *"', '"0 3 * *"').replace('"6h"', '"6x"') + bad("keep_last = 7",
-                                                                          "keep_last = -1")
+    text = bad('"0 3 * * *"', '"0 3 * *"').replace('"6h"', '"6x"') + bad(
+        "keep_last = 7", "keep_last = -1"
+    )
     text = text.replace('name = "web-nightly"', 'name = "second"', 1)
     with pytest.raises(PolicyError) as caught:
         parse_text(text, "f.toml")

@@ -108,14 +108,22 @@ async def _run(conn: asyncpg.Pool, policy_id: int) -> int:
 
 async def _job(conn: asyncpg.Pool, policy_id: int, run_id: int, **overrides: Any) -> int:
     row: dict[str, Any] = {
-        "run_id": run_id, "policy_id": policy_id, "account": "default",
-        "region": "ap-guangzhou", "instance_id": "ins-6pb6lrmy",
-        "slot": "2024-05-01 03:00Z", "image_name": "cvmbk-web-nightly-ins-6pb6lrmy-20240501T0300Z",
-        "deadline": "2024-05-01 09:00Z", **overrides,
+        "run_id": run_id,
+        "policy_id": policy_id,
+        "account": "default",
+        "region": "ap-guangzhou",
+        "instance_id": "ins-6pb6lrmy",
+        "slot": "2024-05-01 03:00Z",
+        "image_name": "cvmbk-web-nightly-ins-6pb6lrmy-20240501T0300Z",
+        "deadline": "2024-05-01 09:00Z",
+        **overrides,
     }
-    casts = {"slot": "::text::timestamptz", "deadline": "::text::timestamptz",
-             "finished_at": "::text::timestamptz",
-             "lease_expires_at": "::text::timestamptz"}
+    casts = {
+        "slot": "::text::timestamptz",
+        "deadline": "::text::timestamptz",
+        "finished_at": "::text::timestamptz",
+        "lease_expires_at": "::text::timestamptz",
+    }
     values = ", ".join(f"${i}{casts.get(k, '')}" for i, k in enumerate(row, start=1))
     query = f"INSERT INTO jobs ({', '.join(row)}) VALUES ({values}) RETURNING id"
     job_id: int = await conn.fetchval(query, *row.values())
@@ -182,7 +190,10 @@ async def test_events_are_append_only(pg_pool: asyncpg.Pool) -> None:
     """The ledger takes inserts and refuses UPDATE, DELETE and TRUNCATE."""
     await pg_pool.execute(
         "INSERT INTO events (kind, image_id, reason, details) VALUES ($1, $2, $3, $4)",
-        "retention.delete", "img-x", "older than max_age_days", {"age_days": 401},
+        "retention.delete",
+        "img-x",
+        "older than max_age_days",
+        {"age_days": 401},
     )
     row = await pg_pool.fetchrow("SELECT reason, details FROM events WHERE image_id = 'img-x'")
     assert row is not None
