@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Iterable
 import asyncpg
 
 from orchestrator import logs
-from orchestrator.db.pool import DatabaseUnavailable
+from orchestrator.db.resilience import CONNECTION_ERRORS
 
 log = logs.get("accounts")
 
@@ -26,13 +26,9 @@ KEY_PREFIX = "cvm-backup:account:"
 TRY_INTERVAL = 1.0
 # A probe that hangs this long counts as a lost session: better to stop driving the accounts.
 PROBE_TIMEOUT = 3.0
-_CONNECTION_LOST = (
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    OSError,
-    TimeoutError,
-    DatabaseUnavailable,
-)
+# Any sign the lock session is gone: then the locks are gone too. InterfaceError counts here in
+# every form, since the lock connection is ours alone and is rebuilt on the next round.
+_CONNECTION_LOST: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, asyncpg.InterfaceError)
 
 Connect = Callable[[], Awaitable[asyncpg.Connection]]
 OnChange = Callable[[str, bool], None]

@@ -6,6 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from orchestrator.errors import UsageError
+
 if TYPE_CHECKING:
     import asyncpg
 
@@ -23,5 +25,12 @@ class EngineContext:
     worker_id: str  # lease owner: host:pid:random, unique per process
 
     def client(self, account: str) -> CvmClient:
-        """The API client of one account."""
-        return self.clients[account]
+        """The API client of one account; an account missing from the config is a usage error."""
+        try:
+            return self.clients[account]
+        except KeyError:
+            known = ", ".join(sorted(self.clients)) or "none"
+            raise UsageError(
+                f"account {account!r} is not configured ([[accounts]] in CVM_BACKUP_CONFIG; "
+                f"configured: {known})"
+            ) from None

@@ -16,6 +16,7 @@ import structlog
 
 # Keys whose values are never logged, whatever code tried to log them.
 _SECRET_KEYS = re.compile(r"secret|password|token|authorization|credential", re.IGNORECASE)
+_HANDLER_NAME = "cvm-backup"
 _DSN_PASSWORD = re.compile(r"(postgres(?:ql)?://[^:/@\s]+:)[^@\s]+@")
 
 
@@ -51,6 +52,29 @@ def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = No
         logger_factory=structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=False,
     )
+    _route_stdlib(renderer, stream)
+
+
+def _route_stdlib(renderer: Any, stream: TextIO) -> None:
+    """Libraries that log through `logging` (asyncpg's pool, aiohttp) come out as our lines."""
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+            foreign_pre_chain=[
+                structlog.stdlib.add_log_level,
+                structlog.stdlib.add_logger_name,
+                structlog.processors.TimeStamper(fmt="iso", utc=True),
+                scrub,
+                structlog.processors.format_exc_info,
+            ],
+        )
+    )
+    handler.set_name(_HANDLER_NAME)
+    root = logging.getLogger()
+    # Replace only our own handler, so a reconfigure (or pytest's capture) is left intact.
+    root.handlers = [h for h in root.handlers if h.get_name() != _HANDLER_NAME] + [handler]
+    root.setLevel(logging.WARNING)
 
 
 def get(name: str | None = None) -> Any:

@@ -14,7 +14,7 @@ def register(subparsers: Any) -> None:
     migrate = subparsers.add_parser("migrate", help="apply pending database migrations")
     migrate.set_defaults(handler=run_migrate)
     check = subparsers.add_parser(
-        "check", help="health: database reachable and schema current (exit 0/1)"
+        "check", help="health: database reachable, schema current, credentials usable (exit 0/1)"
     )
     check.set_defaults(handler=run_check)
 
@@ -56,7 +56,24 @@ async def _check() -> tuple[bool, list[str]]:
         f"database: ok ({where})",
         f"schema: {'ok' if status.current else 'FAIL'}: {status.describe()}",
     ]
-    return status.current, lines
+    creds_ok, creds_lines = await _check_credentials(settings)
+    return status.current and creds_ok, lines + creds_lines
+
+
+async def _check_credentials(settings: config.Settings) -> tuple[bool, list[str]]:
+    """Resolve every account's credentials chain; the source is shown, never the key."""
+    from orchestrator.tencent.credentials import CredentialsError, default_chain
+
+    ok, lines = True, []
+    for account in settings.accounts:
+        try:
+            found = await default_chain(account).get()
+        except CredentialsError as exc:
+            ok = False
+            lines.append(f"credentials[{account.name}]: FAIL: {exc.message}")
+        else:
+            lines.append(f"credentials[{account.name}]: ok ({found.source})")
+    return ok, lines
 
 
 def run_check(args: argparse.Namespace) -> int:

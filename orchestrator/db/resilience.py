@@ -33,6 +33,9 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.CannotConnectNowError,  # starting up or shutting down
     asyncpg.AdminShutdownError,  # fast/smart shutdown cut the query off
     asyncpg.CrashShutdownError,
+    # A session terminated mid-query sometimes surfaces as "cannot switch to state N; another
+    # operation is in progress" (MagicStack/asyncpg#1069); the pool's reset then drops it.
+    asyncpg.InternalClientError,
     DatabaseUnavailable,  # our own wrapper around a refused connect
     OSError,  # refused, reset or broken sockets (ConnectionError is a subclass)
     TimeoutError,  # connecting timed out

@@ -274,10 +274,14 @@ def default_chain(
     *,
     env: Mapping[str, str] | None = None,
     profile_paths: Sequence[Path] | None = None,
-    metadata_url: str = METADATA_URL,
+    metadata_url: str | None = None,
 ) -> ChainCredentials:
-    """The SDK's chain for one account: environment, profile file, CVM role."""
+    """The SDK's chain for one account: environment, profile file, CVM role.
+
+    `CVM_BACKUP_METADATA_URL` replaces the metadata service address (private mirrors, tests).
+    """
     account = account or AccountSettings()
+    metadata_url = metadata_url or os.environ.get("CVM_BACKUP_METADATA_URL") or METADATA_URL
     return ChainCredentials(
         [
             EnvCredentials(account, env),

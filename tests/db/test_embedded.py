@@ -53,6 +53,9 @@ def _env(home: Path) -> dict[str, str]:
         if k not in {"CVM_BACKUP_DATABASE_URL", "DATABASE_URL", "CVM_BACKUP_CONFIG"}
     }
     env["CVM_BACKUP_HOME"] = str(home)
+    # `check` also resolves credentials; the environment is the first link of the chain.
+    env["TENCENTCLOUD_SECRET_ID"] = "AKIDembedded"
+    env["TENCENTCLOUD_SECRET_KEY"] = "embedded-secret-key"
     return env
 
 

@@ -165,6 +165,8 @@ def test_check_exit_codes(
     pg_empty_dsn: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """`check` exits 1 on an unmigrated database, 0 after migrate, 1 when unreachable."""
+    monkeypatch.setenv("TENCENTCLOUD_SECRET_ID", "AKIDcheck")
+    monkeypatch.setenv("TENCENTCLOUD_SECRET_KEY", "check-secret-key")
     monkeypatch.delenv("DATABASE_URL", raising=False)
     monkeypatch.delenv("CVM_BACKUP_CONFIG", raising=False)
     monkeypatch.setenv("CVM_BACKUP_DATABASE_URL", pg_empty_dsn)
@@ -175,6 +177,9 @@ def test_check_exit_codes(
     assert cli.main(["migrate"]) == 0
     assert "applied 0001_init" in capsys.readouterr().out
     assert cli.main(["check"]) == 0
+    out = capsys.readouterr().out
+    assert "credentials[default]: ok (environment)" in out
+    assert "check-secret-key" not in out
     monkeypatch.setenv(
         "CVM_BACKUP_DATABASE_URL",
         "postgresql://cvm:s3cret-pw@127.0.0.1:1/nowhere?connect_timeout=2",
@@ -203,3 +208,19 @@ def test_example_file_applies(cli_env: str, capsys: pytest.CaptureFixture[str]) 
     code, out = _apply(EXAMPLE, capsys)
     assert code == 0
     assert "+ web-nightly: added" in out
+
+
+def test_check_fails_without_credentials(
+    pg_dsn: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`check` exits 1 and says why when no link of the credentials chain has keys."""
+    for var in ("TENCENTCLOUD_SECRET_ID", "TENCENTCLOUD_SECRET_KEY", "CVM_BACKUP_CONFIG"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("CVM_BACKUP_METADATA_URL", "http://127.0.0.1:1/latest/meta-data")
+    monkeypatch.setenv("CVM_BACKUP_DATABASE_URL", pg_dsn)
+    assert cli.main(["check"]) == 1
+    assert "credentials[default]: FAIL" in capsys.readouterr().out
