@@ -6,31 +6,12 @@ import argparse
 import asyncio
 import json
 import sys
-from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orchestrator import config, logs
 
-_PROGRESS_INTERVAL = 0.5
-
-_STATUS = """
-SELECT p.name AS policy, p.enabled, j.instance_id, j.state, j.slot, j.reason,
-       j.last_error_code AS error_code, j.last_error_message AS error_message, j.finished_at,
-       g.image_id AS latest_image, g.slot AS latest_image_slot
-FROM policies p
-LEFT JOIN LATERAL (
-    -- The latest job of each instance: a backward scan of the (policy, instance, slot) key.
-    SELECT DISTINCT ON (instance_id) * FROM jobs
-    WHERE policy_id = p.id ORDER BY instance_id, slot DESC, id DESC
-) j ON true
-LEFT JOIN LATERAL (
-    SELECT i.image_id, i.slot FROM images i
-    WHERE i.policy_id = p.id AND i.instance_id = j.instance_id AND i.state = 'NORMAL'
-      AND i.deleted_at IS NULL
-    ORDER BY i.slot DESC LIMIT 1
-) g ON true
-ORDER BY p.name, j.instance_id
-"""
+if TYPE_CHECKING:
+    from orchestrator.daemon import Engine
 
 
 def register(subparsers: Any) -> None:
@@ -91,87 +72,44 @@ async def _backup_now(settings: config.Settings, policy: str, *, wait: bool) -> 
             if not wait:
                 return 0
             engine = daemon.Engine(ctx, signals, once=True, run_id=scheduled.run_id)
-            progress = asyncio.create_task(_progress(pool, scheduled.run_id, signals.stop))
-            try:
-                return await engine.run()
-            finally:
-                progress.cancel()
-                await asyncio.gather(progress, return_exceptions=True)
-                print(
-                    _progress_line(scheduled.run_id, await _tally(pool, scheduled.run_id)),
-                    flush=True,
-                )
+            return await _drive(engine, pool, scheduled.run_id, signals.stop)
     finally:
         signals.uninstall()
 
 
-async def _tally(pool: Any, run_id: int) -> dict[str, int]:
-    rows = await pool.fetch(
-        "SELECT state, count(*) AS n FROM jobs WHERE run_id = $1 GROUP BY state", run_id
-    )
-    return {row["state"]: int(row["n"]) for row in rows}
+async def _drive(engine: Engine, pool: Any, run_id: int, stop: asyncio.Event) -> int:
+    from orchestrator import status
 
-
-def _progress_line(run_id: int, tally: dict[str, int]) -> str:
-    from orchestrator.jobs import TERMINAL_STATES
-
-    done = sum(n for state, n in tally.items() if state in TERMINAL_STATES)
-    parts = ", ".join(f"{state} {n}" for state, n in sorted(tally.items()))
-    return f"run {run_id}: {done}/{sum(tally.values())} terminal ({parts or 'no jobs'})"
-
-
-async def _progress(pool: Any, run_id: int, stop: asyncio.Event) -> None:
-    last = ""
-    while not stop.is_set():
-        line = _progress_line(run_id, await _tally(pool, run_id))
-        if line != last:
-            print(line, flush=True)
-            last = line
-        await asyncio.sleep(_PROGRESS_INTERVAL)
+    reporter = status.ProgressReporter(sys.stdout, run_id)
+    progress = asyncio.create_task(status.follow(pool, reporter, stop))
+    try:
+        return await engine.run()
+    finally:
+        progress.cancel()
+        await asyncio.gather(progress, return_exceptions=True)
+        reporter.finish(await status.tally(pool, run_id))
 
 
 def run_status(args: argparse.Namespace) -> int:
-    """Per policy and instance: last job, its state and error, latest good image."""
+    """Per policy and instance: last job, its state and error, latest good image and its age."""
+    from orchestrator import status
+
     rows = asyncio.run(_status_rows(config.load()))
     if args.json:
-        json.dump(rows, sys.stdout, indent=2, default=str)
+        json.dump(rows, sys.stdout, indent=2)
         print()
     else:
-        print(_table(rows))
+        print(status.render_table(rows))
     return 0
 
 
 async def _status_rows(settings: config.Settings) -> list[dict[str, Any]]:
+    from orchestrator import status
     from orchestrator.db import migrate, pool
 
     conn = await pool.connect(settings)
     try:
         await migrate.ensure_current(conn)
-        return [_row(dict(r)) for r in await conn.fetch(_STATUS)]
+        return await status.fetch_rows(conn)
     finally:
         await conn.close()
-
-
-def _row(row: dict[str, Any]) -> dict[str, Any]:
-    for key in ("slot", "finished_at", "latest_image_slot"):
-        if row[key] is not None:
-            row[key] = row[key].isoformat()
-    return row
-
-
-def _table(rows: Sequence[dict[str, Any]]) -> str:
-    header = ("POLICY", "INSTANCE", "LAST JOB", "SLOT", "ERROR", "LATEST GOOD IMAGE")
-    lines = [header]
-    for r in rows:
-        error = f"{r['error_code']}: {r['error_message']}" if r["state"] == "failed" else ""
-        state = r["state"] or "-"
-        if r["reason"] and r["state"] in ("skipped", "expired"):
-            state = f"{state} ({r['reason']})"
-        image = f"{r['latest_image']} ({r['latest_image_slot']})" if r["latest_image"] else "-"
-        policy = r["policy"] if r["enabled"] else f"{r['policy']} (disabled)"
-        lines.append((policy, r["instance_id"] or "-", state, r["slot"] or "-", error, image))
-    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
-    return "\n".join(
-        "  ".join(str(cell).ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
-        for line in lines
-    )

@@ -1,0 +1,217 @@
+"""What operators see: the `status` rows and table, and `backup-now --wait` progress."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from orchestrator.jobs import TERMINAL_STATES
+
+# The table is read on a terminal: a Tencent message can be a paragraph, so keep the gist.
+ERROR_WIDTH = 60
+BAR_WIDTH = 24
+PROGRESS_INTERVAL = 0.5
+
+# One row per policy and instance (a policy with no job yet: one row with nulls). Field
+# meanings and types: docs/status.md and orchestrator/data/status.schema.json.
+_STATUS = """
+SELECT p.name AS policy, p.enabled, j.instance_id, j.state, j.slot, j.reason, j.attempts,
+       j.last_error_code AS error_code, j.last_error_message AS error_message, j.finished_at,
+       g.image_id AS latest_image, g.slot AS latest_image_slot,
+       g.created_at AS latest_image_created_at,
+       floor(extract(epoch FROM now() - g.created_at))::bigint AS latest_image_age_seconds
+FROM policies p
+LEFT JOIN LATERAL (
+    -- The latest job of each instance: a backward scan of the (policy, instance, slot) key.
+    SELECT DISTINCT ON (instance_id) * FROM jobs
+    WHERE policy_id = p.id ORDER BY instance_id, slot DESC, id DESC
+) j ON true
+LEFT JOIN LATERAL (
+    SELECT i.image_id, i.slot, i.created_at FROM images i
+    WHERE i.policy_id = p.id AND i.instance_id = j.instance_id AND i.state = 'NORMAL'
+      AND i.deleted_at IS NULL
+    ORDER BY i.slot DESC LIMIT 1
+) g ON true
+ORDER BY p.name, j.instance_id
+"""
+
+_TIMES = ("slot", "finished_at", "latest_image_slot", "latest_image_created_at")
+
+_TALLY = "SELECT state, count(*) AS n FROM jobs WHERE run_id = $1 GROUP BY state"
+
+
+async def fetch_rows(conn: Any) -> list[dict[str, Any]]:
+    """The status rows (JSON-ready: times as ISO text) from a connection or pool."""
+    return [_row(dict(r)) for r in await conn.fetch(_STATUS)]
+
+
+def _row(row: dict[str, Any]) -> dict[str, Any]:
+    for key in _TIMES:
+        if row[key] is not None:
+            row[key] = row[key].isoformat()
+    # A clock skew between hosts must not show a negative age.
+    if row["latest_image_age_seconds"] is not None:
+        row["latest_image_age_seconds"] = max(0, int(row["latest_image_age_seconds"]))
+    return row
+
+
+def format_age(seconds: int | None) -> str:
+    """A compact age: 45s, 12m, 3h12m, 2d4h; '-' when unknown."""
+    if seconds is None:
+        return "-"
+    minutes, hours, days = seconds // 60, seconds // 3600, seconds // 86400
+    if days:
+        return f"{days}d{hours % 24}h"
+    if hours:
+        return f"{hours}h{minutes % 60:02d}m"
+    return f"{minutes}m" if minutes else f"{seconds}s"
+
+
+def truncate(text: str, width: int) -> str:
+    """`text` on one line, cut to `width` characters with an ellipsis."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
+def error_text(row: Mapping[str, Any]) -> str:
+    """'code: message' of the job's last error (kept while it retries), or ''."""
+    if not row["error_code"]:
+        return ""
+    message = row["error_message"] or ""
+    return truncate(
+        f"{row['error_code']}: {message}" if message else row["error_code"], ERROR_WIDTH
+    )
+
+
+def _state_text(row: Mapping[str, Any]) -> str:
+    state = row["state"] or "-"
+    if row["reason"] and row["state"] in ("skipped", "expired"):
+        return f"{state} ({row['reason']})"
+    return state
+
+
+_HEADER = ("POLICY", "INSTANCE", "LAST JOB", "SLOT", "LATEST GOOD IMAGE", "AGE", "LAST ERROR")
+
+
+def _cells(row: Mapping[str, Any]) -> tuple[str, ...]:
+    policy = row["policy"] if row["enabled"] else f"{row['policy']} (disabled)"
+    return (
+        policy,
+        row["instance_id"] or "-",
+        _state_text(row),
+        row["slot"] or "-",
+        row["latest_image"] or "-",
+        format_age(row["latest_image_age_seconds"]) if row["latest_image"] else "-",
+        error_text(row),
+    )
+
+
+def render_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The human `status` table: one aligned line per policy and instance."""
+    lines = [_HEADER, *(_cells(r) for r in rows)]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(_HEADER))]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
+        for line in lines
+    )
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A run's jobs counted by state, and how long we have been watching it."""
+
+    run_id: int
+    tally: Mapping[str, int]
+    elapsed: float = 0.0
+
+    @property
+    def total(self) -> int:
+        """Jobs in the run."""
+        return sum(self.tally.values())
+
+    @property
+    def done(self) -> int:
+        """Jobs in a terminal state."""
+        return sum(n for state, n in self.tally.items() if state in TERMINAL_STATES)
+
+    def counts(self) -> str:
+        """'state n, ...' sorted by state, or 'no jobs'."""
+        return ", ".join(f"{s} {n}" for s, n in sorted(self.tally.items())) or "no jobs"
+
+
+def progress_line(p: Progress) -> str:
+    """The plain (non-TTY) line: stable text, printed only when it changes."""
+    return f"run {p.run_id}: {p.done}/{p.total} terminal ({p.counts()})"
+
+
+def progress_bar(p: Progress, width: int = BAR_WIDTH) -> str:
+    """The TTY line: run, bar, done/total, counts by state, elapsed."""
+    filled = width * p.done // p.total if p.total else 0
+    bar = "#" * filled + "-" * (width - filled)
+    elapsed = format_age(int(p.elapsed))
+    return f"run {p.run_id} [{bar}] {p.done}/{p.total} {p.counts()} {elapsed}"
+
+
+@dataclass
+class ProgressReporter:
+    """Writes progress to `stream`: one redrawn bar on a TTY, changed lines otherwise."""
+
+    stream: TextIO
+    run_id: int
+    clock: Callable[[], float] = time.monotonic
+    _started: float = field(init=False)
+    _last: str = field(init=False, default="")
+    _drawn: int = field(init=False, default=0)
+    tty: bool = field(init=False, default=False)
+
+    def __post_init__(self) -> None:
+        self._started = self.clock()
+        self.tty = self.stream.isatty()
+
+    def update(self, tally: Mapping[str, int]) -> None:
+        """Show the latest tally (a TTY redraws in place; plain output skips repeats)."""
+        progress = Progress(self.run_id, tally, self.clock() - self._started)
+        if self.tty:
+            self._redraw(progress_bar(progress))
+        else:
+            self._print(progress_line(progress), only_if_changed=True)
+
+    def finish(self, tally: Mapping[str, int]) -> None:
+        """The final tally, always shown, ending the line on a TTY."""
+        progress = Progress(self.run_id, tally, self.clock() - self._started)
+        if self.tty:
+            self._redraw(progress_bar(progress))
+            self.stream.write("\n")
+            self.stream.flush()
+        else:
+            self._print(progress_line(progress), only_if_changed=False)
+
+    def _redraw(self, line: str) -> None:
+        # A line longer than the terminal wraps and \r then only rewinds its last part.
+        line = truncate(line, max(20, shutil.get_terminal_size().columns - 1))
+        self.stream.write("\r" + line + " " * max(0, self._drawn - len(line)))
+        self.stream.flush()
+        self._drawn = len(line)
+
+    def _print(self, line: str, *, only_if_changed: bool) -> None:
+        if only_if_changed and line == self._last:
+            return
+        self.stream.write(line + "\n")
+        self.stream.flush()
+        self._last = line
+
+
+async def tally(conn: Any, run_id: int) -> dict[str, int]:
+    """The run's jobs counted by state."""
+    return {r["state"]: int(r["n"]) for r in await conn.fetch(_TALLY, run_id)}
+
+
+async def follow(conn: Any, reporter: ProgressReporter, stop: asyncio.Event) -> None:
+    """Report the run's tally every PROGRESS_INTERVAL until `stop` is set (or cancelled)."""
+    while not stop.is_set():
+        reporter.update(await tally(conn, reporter.run_id))
+        await asyncio.sleep(PROGRESS_INTERVAL)
