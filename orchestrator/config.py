@@ -68,7 +68,7 @@ class Settings:
     max_in_flight: int = 64
     lease_seconds: float = 30.0
     poll_interval: float = 5.0
-    tracker_min_interval: float = 2.0
+    tracker_min_interval: float = 0.5
     tracker_max_interval: float = 30.0
     shutdown_grace: float = 20.0
     delete_binded_snap: bool = True

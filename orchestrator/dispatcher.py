@@ -56,6 +56,8 @@ class Dispatcher:
         self.held = held
         self.paused: set[str] = set()
         self.wake = asyncio.Event()
+        # When the idle loop looks again (None: not idle); a retry due sooner wakes it.
+        self._idle_until: datetime | None = None
         self._in_flight: dict[int, asyncio.Task[None]] = {}
         self._slots = asyncio.Semaphore(ctx.settings.max_in_flight)
 
@@ -131,16 +133,32 @@ class Dispatcher:
     async def _idle(self, stop: asyncio.Event) -> None:
         # Sleep until the next job is due, a poll interval passes, or someone wakes us.
         self.wake.clear()  # before the query, so a wake-up during it is not lost
+        # Idle from here: a retry written while the query runs may be missing from its answer.
+        self._idle_until = _now() + _seconds(self.ctx.settings.poll_interval)
+        try:
+            timeout = await self._idle_timeout()
+            self._idle_until = _now() + _seconds(timeout)
+            waiters = {asyncio.ensure_future(self.wake.wait()), asyncio.ensure_future(stop.wait())}
+            _, pending = await asyncio.wait(
+                waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+            for waiter in pending:
+                waiter.cancel()
+        finally:
+            self._idle_until = None
+
+    async def _idle_timeout(self) -> float:
+        """Seconds until the next job is due, at most one poll interval."""
         due = await jobs.next_due(self.ctx.pool, sorted(self.paused), self._accounts())
         timeout = self.ctx.settings.poll_interval
         if due is not None:
             timeout = min(timeout, max((due - _now()).total_seconds(), 0.01))
-        waiters = {asyncio.ensure_future(self.wake.wait()), asyncio.ensure_future(stop.wait())}
-        _, pending = await asyncio.wait(
-            waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-        )
-        for waiter in pending:
-            waiter.cancel()
+        return timeout
+
+    def _due_at(self, when: datetime) -> None:
+        """A job of ours becomes due at `when`: wake the idle loop if it would sleep past it."""
+        if self._idle_until is not None and when < self._idle_until:
+            self.wake.set()
 
     async def heartbeat(self, stop: asyncio.Event) -> None:
         """Renew the leases of jobs in flight in one batched UPDATE, three times per lease."""
@@ -321,20 +339,20 @@ class Dispatcher:
     async def _record_image(
         self, job: Job, image_id: str, state: str, request_id: str | None, outcome: str
     ) -> None:
-        async with self.ctx.pool.acquire() as conn, conn.transaction():
-            ok = await jobs.record_image(
-                conn, job, self.ctx.worker_id, image_id, state, request_id=request_id
-            )
-            if ok:
-                await jobs.event(
-                    conn,
-                    "job.attempt",
-                    job,
-                    image_id=image_id,
-                    outcome=outcome,
-                    attempt=job.attempts + 1,
-                    request_id=request_id,
-                )
+        attempt = {
+            "outcome": outcome,
+            "attempt": job.attempts + 1,
+            "request_id": request_id,
+        }
+        ok = await jobs.record_image(
+            self.ctx.pool,
+            job,
+            self.ctx.worker_id,
+            image_id,
+            state,
+            request_id=request_id,
+            attempt=attempt,
+        )
         if not ok:
             log.warning("job.lease_lost", step="record_image", image_id=image_id)
         elif outcome != "resolved_by_name":
@@ -497,6 +515,7 @@ class Dispatcher:
             if ok:
                 await self._ledger(conn, job, outcome, error, request_id, counted=count)
         if ok:
+            self._due_at(when)
             log.info(
                 "job.retry_scheduled",
                 next_attempt_at=when.isoformat(),

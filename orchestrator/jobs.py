@@ -186,37 +186,49 @@ async def finish(
     return bool(status == "UPDATE 1")
 
 
+# One statement, so one round trip: the job waits for the tracker, the image is recorded as
+# ours, and the attempt goes to the ledger; all or nothing, and nothing when the lease is lost.
+_RECORD_IMAGE = """
+WITH j AS (
+    UPDATE jobs SET state = 'waiting_image', image_id = $3, lease_owner = NULL,
+                    lease_expires_at = NULL, updated_at = now(),
+                    last_request_id = coalesce($4, last_request_id)
+    WHERE id = $1 AND lease_owner = $2
+    RETURNING id, run_id, policy_id, account, region, instance_id, slot, image_name
+), i AS (
+    INSERT INTO images (image_id, name, account, region, instance_id, policy_id, slot, job_id,
+                        state)
+    SELECT $3, image_name, account, region, instance_id, policy_id, slot, id, $5::text FROM j
+    ON CONFLICT (image_id) DO NOTHING
+), e AS (
+    INSERT INTO events (kind, policy_id, run_id, job_id, image_id, account, region,
+                        instance_id, details)
+    SELECT 'job.attempt', policy_id, run_id, id, $3, account, region, instance_id, $6::jsonb
+    FROM j
+)
+SELECT count(*) FROM j
+"""
+
+
 async def record_image(
-    conn: Any, job: Job, owner: str, image_id: str, image_state: str, *, request_id: str | None
+    conn: Any,
+    job: Job,
+    owner: str,
+    image_id: str,
+    image_state: str,
+    *,
+    request_id: str | None,
+    attempt: dict[str, Any],
 ) -> bool:
-    """The image is known: the job waits for the tracker, and the image is recorded as ours."""
-    status = await conn.execute(
-        "UPDATE jobs SET state = 'waiting_image', image_id = $3, lease_owner = NULL,"
-        " lease_expires_at = NULL, updated_at = now(),"
-        " last_request_id = coalesce($4, last_request_id)"
-        " WHERE id = $1 AND lease_owner = $2",
-        job.id,
-        owner,
-        image_id,
-        request_id,
+    """The image is known: the job waits for the tracker, the image is ours, the attempt logged.
+
+    `attempt` is the `job.attempt` ledger row's details; False when the lease was lost.
+    """
+    details = {k: v for k, v in attempt.items() if v is not None}
+    count = await conn.fetchval(
+        _RECORD_IMAGE, job.id, owner, image_id, request_id, image_state, details
     )
-    if status != "UPDATE 1":
-        return False
-    await conn.execute(
-        "INSERT INTO images (image_id, name, account, region, instance_id, policy_id, slot,"
-        " job_id, state) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
-        " ON CONFLICT (image_id) DO NOTHING",
-        image_id,
-        job.image_name,
-        job.account,
-        job.region,
-        job.instance_id,
-        job.policy_id,
-        job.slot,
-        job.id,
-        image_state,
-    )
-    return True
+    return bool(count == 1)
 
 
 async def event(conn: Any, kind: str, job: Job, **details: Any) -> None:

@@ -181,6 +181,43 @@ async def record_event(
     )
 
 
+_EVENTS = """
+INSERT INTO events (kind, policy_id, job_id, image_id, account, region, instance_id, reason,
+                    details)
+SELECT kind, policy_id, job_id, image_id, account, region, instance_id, reason, details::jsonb
+FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[], $5::text[], $6::text[],
+            $7::text[], $8::text[], $9::text[])
+     WITH ORDINALITY AS e(kind, policy_id, job_id, image_id, account, region, instance_id, reason,
+                          details, n)
+ORDER BY n
+"""
+
+# (kind, image, reason, details): one ledger row, for `record_events`.
+EventRow = tuple[str, "LiveImage", str | None, dict[str, Any]]
+
+
+async def record_events(conn: Conn, rows: Sequence[EventRow]) -> None:
+    """Append many ledger rows in one statement, in order."""
+    if not rows:
+        return
+    columns: list[list[Any]] = [[] for _ in range(9)]
+    for kind, image, reason, details in rows:
+        values = (
+            kind,
+            image.policy_id,
+            image.job_id,
+            image.image_id,
+            image.account,
+            image.region,
+            image.instance_id,
+            reason,
+            json.dumps({k: v for k, v in details.items() if v is not None}, default=str),
+        )
+        for column, value in zip(columns, values, strict=True):
+            column.append(value)
+    await conn.execute(_EVENTS, *columns)
+
+
 async def request_delete(conn: Conn, kind: str, image: LiveImage, reason: str) -> LiveImage | None:
     """Write the intent (inside the caller's transaction, if any); the image as now pending.
 
@@ -291,12 +328,7 @@ def _decide(row: Any, images: Sequence[LiveImage]) -> list[Decision]:
 async def _record_keeps(
     conn: Conn, images: Sequence[LiveImage], decisions: Sequence[Decision]
 ) -> None:
-    by_id = {i.image_id: i for i in images}
-    for d in decisions:
-        if d.keep:
-            reason = "; ".join(d.reasons)
-            await record_event(conn, "retention.kept", by_id[d.image_id], reason)
-            log.debug("retention.kept", image_id=d.image_id, reason=reason)
+    await record_events(conn, _keep_rows(images, decisions))
 
 
 async def apply_retention(ctx: EngineContext, policy_id: int, instance_id: str) -> list[str]:
@@ -320,6 +352,52 @@ async def apply_retention(ctx: EngineContext, policy_id: int, instance_id: str) 
                 if await delete_image(ctx, conn, "retention", by_id[d.image_id], d.reasons[0]):
                     deleted.append(d.image_id)
     return deleted
+
+
+# The live images of many (policy, instance) pairs, each row with its policy's rules.
+_PAIR_IMAGES = f"""
+SELECT {_LIVE_COLUMNS}, {_POLICY_RULES}
+FROM unnest($1::bigint[], $2::text[]) AS w(policy_id, instance_id)
+JOIN policies p ON p.id = w.policy_id
+JOIN images i ON i.policy_id = w.policy_id AND i.instance_id = w.instance_id
+             AND i.account = p.account AND i.region = p.region AND i.deleted_at IS NULL
+"""
+
+Pair = tuple[int, str]  # (policy id, instance id)
+
+
+def _keep_rows(images: Sequence[LiveImage], decisions: Sequence[Decision]) -> list[EventRow]:
+    by_id = {i.image_id: i for i in images}
+    rows: list[EventRow] = []
+    for d in decisions:
+        if d.keep:
+            reason = "; ".join(d.reasons)
+            rows.append(("retention.kept", by_id[d.image_id], reason, {}))
+            log.debug("retention.kept", image_id=d.image_id, reason=reason)
+    return rows
+
+
+async def sweep_quiet(ctx: EngineContext, pairs: Iterable[Pair]) -> list[Pair]:
+    """Record the keeps of pairs retention provably leaves alone; the pairs needing a sweep."""
+    # Most sweeps after a backup delete nothing; those need no region lock and no statement
+    # per pair. A picture read without the lock is enough to know nothing goes: an image
+    # added later triggers its own sweep, and one deleted meanwhile only means less to delete.
+    wanted = sorted(set(pairs))
+    rows = await ctx.pool.fetch(_PAIR_IMAGES, [p for p, _ in wanted], [i for _, i in wanted])
+    groups = _per_instance(rows)
+    keeps: list[EventRow] = []
+    loud: list[Pair] = []
+    for group in groups:
+        images = [LiveImage.from_record(r) for r in group]
+        decisions = _decide(group[0], images)
+        pending = any(i.delete_requested_at is not None for i in images)
+        if pending or retention.deletions(decisions):
+            loud.append((group[0]["policy_id"], group[0]["instance_id"]))
+        else:
+            keeps.extend(_keep_rows(images, decisions))
+    async with ctx.pool.acquire() as conn:
+        await record_events(conn, keeps)
+    return sorted(loud)
 
 
 # -- quota rotation ---------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import asyncpg
 import structlog
 
 from orchestrator import logs, retention, rotation
-from orchestrator.config import Settings
+from orchestrator.config import DEFAULT_LIMITS, Settings
 from orchestrator.context import EngineContext
 from orchestrator.db.resilience import DbWatch
 from orchestrator.rotation import Conn, LiveImage
@@ -72,10 +72,28 @@ RETURNING image_id, account, region, policy_id, instance_id, job_id, state, crea
           delete_requested_at, delete_reason
 """
 
-_SUCCEED_JOB = """
+# Every image of a poll that became NORMAL, in one statement.
+_UPSERT_READY = """
+INSERT INTO images (image_id, name, account, region, instance_id, policy_id, slot, job_id,
+                    state, size_gb, ready_at)
+SELECT u.image_id, u.name, u.account, u.region, u.instance_id, u.policy_id, u.slot, u.job_id,
+       'NORMAL', u.size_gb, now()
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[],
+            $7::timestamptz[], $8::bigint[], $9::integer[])
+     AS u(image_id, name, account, region, instance_id, policy_id, slot, job_id, size_gb)
+ON CONFLICT (image_id) DO UPDATE
+SET state = EXCLUDED.state,
+    size_gb = coalesce(EXCLUDED.size_gb, images.size_gb),
+    ready_at = coalesce(images.ready_at, EXCLUDED.ready_at)
+RETURNING image_id, account, region, policy_id, instance_id, job_id, state, created_at,
+          delete_requested_at, delete_reason
+"""
+
+_SUCCEED_JOBS = """
 UPDATE jobs SET state = 'succeeded', reason = 'image_ready', finished_at = now(),
                 updated_at = now(), lease_owner = NULL, lease_expires_at = NULL
-WHERE id = $1 AND state = 'waiting_image'
+WHERE id = ANY($1::bigint[]) AND state = 'waiting_image'
+RETURNING id
 """
 
 # The completion window closed while the image was still being built. The image stays
@@ -165,16 +183,42 @@ async def _finish_job(conn: Conn, t: Tracked, sql: str, *args: Any) -> bool:
     return bool(await conn.execute(sql, t.job_id, *args) == "UPDATE 1")
 
 
-async def _ready(ctx: EngineContext, t: Tracked, image: Image) -> None:
+def _ready_columns(ready: Sequence[tuple[Tracked, Image]]) -> list[list[Any]]:
+    columns: list[list[Any]] = [[] for _ in range(9)]
+    for t, image in ready:
+        values = (t.image_id, t.name, t.account, t.region, t.instance_id, t.policy_id, t.slot)
+        for column, value in zip(columns, (*values, t.job_id, image.size_gib), strict=True):
+            column.append(value)
+    return columns
+
+
+async def _ready(ctx: EngineContext, ready: Sequence[tuple[Tracked, Image]]) -> None:
+    """Record images that became NORMAL and succeed their jobs: one transaction for them all."""
+    if not ready:
+        return
     async with ctx.pool.acquire() as conn, conn.transaction():
-        live = await _upsert(conn, t, image)
-        await rotation.record_event(conn, "image.ready", live, None, size_gb=image.size_gib)
-        succeeded = await _finish_job(conn, t, _SUCCEED_JOB)
+        rows = await conn.fetch(_UPSERT_READY, *_ready_columns(ready))
+        lives = {r["image_id"]: LiveImage.from_record(r) for r in rows}
+        jobs = [t.job_id for t, _ in ready if t.job_id is not None]
+        succeeded = {r["id"] for r in await conn.fetch(_SUCCEED_JOBS, jobs)}
+        ledger: list[rotation.EventRow] = []
+        for t, image in ready:
+            live = lives[t.image_id]
+            ledger.append(("image.ready", live, None, {"size_gb": image.size_gib}))
+            if t.job_id in succeeded:
+                ledger.append(("job.succeeded", live, "image_ready", {}))
+        await rotation.record_events(conn, ledger)
+    for t, image in ready:
+        _log_ready(t, image, t.job_id in succeeded)
+
+
+def _log_ready(t: Tracked, image: Image, succeeded: bool) -> None:
+    with structlog.contextvars.bound_contextvars(
+        policy_id=t.policy_id, instance_id=t.instance_id, job_id=t.job_id
+    ):
+        log.info("image.ready", image_id=t.image_id, size_gb=image.size_gib)
         if succeeded:
-            await rotation.record_event(conn, "job.succeeded", live, "image_ready")
-    log.info("image.ready", image_id=t.image_id, size_gb=image.size_gib)
-    if succeeded:
-        log.info("job.succeeded", image_id=t.image_id)
+            log.info("job.succeeded", image_id=t.image_id)
 
 
 async def _failed(ctx: EngineContext, t: Tracked, image: Image) -> None:
@@ -231,7 +275,7 @@ async def _describe(ctx: EngineContext, account: str, region: str, ids: list[str
 
 
 async def _settle(ctx: EngineContext, t: Tracked, image: Image | None, now: datetime) -> bool:
-    """Record what became of one image; True while it is still in flight."""
+    """Record what became of one image not NORMAL (see `_ready`); True while still in flight."""
     with structlog.contextvars.bound_contextvars(
         policy_id=t.policy_id, instance_id=t.instance_id, job_id=t.job_id
     ):
@@ -239,8 +283,6 @@ async def _settle(ctx: EngineContext, t: Tracked, image: Image | None, now: date
             if now - t.recorded_at < VANISHED_GRACE:
                 return True
             await _vanished(ctx, t)
-        elif image.state == retention.NORMAL:
-            await _ready(ctx, t, image)
         elif image.state == retention.CREATEFAILED:
             await _failed(ctx, t, image)
         else:
@@ -255,14 +297,15 @@ async def _poll_batch(ctx: EngineContext, batch: Sequence[Tracked]) -> tuple[int
     found = await _describe(ctx, first.account, first.region, [t.image_id for t in batch])
     by_id = {image.image_id: image for image in found}
     now = datetime.now(UTC)
-    in_flight, ready = 0, set()
+    in_flight, ready = 0, []
     for t in batch:
         image = by_id.get(t.image_id)
-        if await _settle(ctx, t, image, now):
+        if image is not None and image.state == retention.NORMAL:
+            ready.append((t, image))  # the common outcome: recorded together below
+        elif await _settle(ctx, t, image, now):
             in_flight += 1
-        elif image is not None and image.state == retention.NORMAL:
-            ready.add(t)
-    return in_flight, ready
+    await _ready(ctx, ready)
+    return in_flight, {t for t, _ in ready}
 
 
 def _batches(tracked: Iterable[Tracked]) -> list[list[Tracked]]:
@@ -283,7 +326,9 @@ async def _tracked(ctx: EngineContext, held: Held = None) -> list[Tracked]:
 
 
 async def _apply_retention(ctx: EngineContext, ready: Iterable[Tracked]) -> None:
-    for policy_id, instance_id in sorted({(t.policy_id, t.instance_id) for t in ready}):
+    # Pairs where nothing can go only get their keeps recorded, all at once.
+    loud = await rotation.sweep_quiet(ctx, {(t.policy_id, t.instance_id) for t in ready})
+    for policy_id, instance_id in loud:
         try:
             await rotation.apply_retention(ctx, policy_id, instance_id)
         except TencentError as exc:
@@ -299,9 +344,13 @@ async def _apply_retention(ctx: EngineContext, ready: Iterable[Tracked]) -> None
 
 async def poll_once(ctx: EngineContext, held: Held = None) -> int:
     """Poll every image in flight once (of `held` accounts); how many are still in flight."""
+    return await _poll(ctx, await _tracked(ctx, held))
+
+
+async def _poll(ctx: EngineContext, tracked: Iterable[Tracked]) -> int:
     in_flight = 0
     ready: set[Tracked] = set()
-    for batch in _batches(await _tracked(ctx, held)):
+    for batch in _batches(tracked):
         try:
             count, done = await _poll_batch(ctx, batch)
         except TencentError as exc:
@@ -323,19 +372,21 @@ async def poll_once(ctx: EngineContext, held: Held = None) -> int:
 # -- the loop ---------------------------------------------------------------------------------
 
 
+# The share of DescribeImages' per-second limit the tracker's polls may use; the rest stays
+# for the dispatcher's lookups by name and for other work on the same account.
+POLL_SHARE = 0.25
+
+
 def next_interval(in_flight: int, settings: Settings) -> float:
-    """Seconds until the next poll: the max when idle, shorter as more images are in flight."""
+    """Seconds until the next poll: the max when idle, else the min within a call budget."""
     low, high = settings.tracker_min_interval, settings.tracker_max_interval
     if in_flight == 0:
-        return high
-    # More images in flight means completions arrive more often, so look sooner. A poll costs
-    # one call per 100 images; 1/sqrt grows the call rate slower than the fleet, and the
-    # client's limiter caps it at DescribeImages' limit whatever the fleet size.
-    return max(low, min(high, high / math.sqrt(in_flight)))
-
-
-async def _tracked_ids(ctx: EngineContext, held: Held) -> set[str]:
-    return {t.image_id for t in await _tracked(ctx, held)}
+        return high  # new images still wake the loop at once (it looks for them every tick)
+    # Any image in flight may finish at any moment, so look as often as the min allows, unless
+    # a poll (one call per 100 images) would spend more than our share of the call budget.
+    calls = math.ceil(in_flight / BATCH)
+    budget = POLL_SHARE * settings.limits.get("DescribeImages", DEFAULT_LIMITS["DescribeImages"])
+    return max(low, calls / budget)
 
 
 async def run(ctx: EngineContext, stop: asyncio.Event, held: Held = None) -> None:
@@ -348,13 +399,15 @@ async def run(ctx: EngineContext, stop: asyncio.Event, held: Held = None) -> Non
         try:
             # The database away: back off and poll again. Other database errors: next tick.
             async with watch:
-                ids = await _tracked_ids(ctx, held)
+                tracked = await _tracked(ctx, held)
+                ids = {t.image_id for t in tracked}
                 if ids - seen or loop.time() >= due:
-                    in_flight = await poll_once(ctx, held)
+                    in_flight = await _poll(ctx, tracked)
                     seen, due = ids, loop.time() + next_interval(in_flight, ctx.settings)
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
             # A statement failed (a deadlock, say); the next tick tries again.
             log.warning("tracker.poll_failed", error=repr(exc))
+        # A full pause after each poll: polling is CPU the dispatcher shares (one event loop).
         await _sleep(stop, ctx.settings.tracker_min_interval)
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from orchestrator import naming, scheduler
 from orchestrator.context import EngineContext
-from orchestrator.daemon import Engine, Signals
+from orchestrator.daemon import EXIT_JOBS_FAILED, Engine, Signals
 from orchestrator.db import policies as policy_rows
 from orchestrator.scheduler import Targets
 from orchestrator.simulator.config import Faults
@@ -166,3 +166,20 @@ async def test_a_dying_background_task_stops_the_daemon_with_an_error(
     assert failed
     assert failed[0]["level"] == "error"
     assert "runs" in failed[0]["error"]
+
+
+async def test_a_retry_wakes_the_idle_dispatcher(
+    engine_ctx: EngineContext, pg_pool: asyncpg.Pool, simulator: Simulator
+) -> None:
+    """A retry due before the idle loop's next look wakes it: no wait for a poll or a lease."""
+    # Without the wake-up each retry would wait out the 60 s lease (or the 600 s poll).
+    settings = replace(engine_ctx.settings, poll_interval=600.0, lease_seconds=60.0)
+    ctx = replace(engine_ctx, settings=settings)
+    instance = simulator.config.instances[0].instance_id
+    simulator.set_faults(Faults(internal_error_rate=1.0), action="CreateImage")
+    await insert_policy(pg_pool, "woken", instance_ids=[instance])
+    run_id = await _run(pg_pool, "woken", (instance,))
+    assert await drain(ctx, run_id=run_id, within=20) == EXIT_JOBS_FAILED
+    attempts = settings.retry.max_transient_attempts
+    assert (await job_states(pg_pool))[instance] == ("failed", "retries_exhausted", "InternalError")
+    assert _create_calls(simulator) == attempts

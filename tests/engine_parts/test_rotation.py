@@ -245,3 +245,35 @@ async def test_released_creating_job_counts_as_in_flight(
     released = await rotation.rotate_for_quota(engine, ACCOUNT, REGION)
     assert (released.wait, released.exhausted) == (True, False)
     assert simulator.state.deletions == []
+
+
+async def test_quiet_sweep_records_keeps_and_hands_back_what_can_go(
+    engine: EngineContext, simulator: Simulator
+) -> None:
+    """Pairs retention leaves alone get their keeps recorded; the others are handed back."""
+    policy = await add_policy(engine.pool, keep_last=2)
+    quiet = await history(engine, policy, A, 2)
+    loud = await history(engine, policy, B, 3)
+    assert await rotation.sweep_quiet(engine, [(policy, A), (policy, B), (policy, C)]) == [
+        (policy, B)
+    ]
+    kept = {r["image_id"]: r["reason"] for r in await events(engine.pool, "retention.kept")}
+    assert kept == {quiet[1]: "newest NORMAL; keep_last 1/2", quiet[0]: "keep_last 2/2"}
+    assert all(alive(simulator, i) for i in quiet + loud)
+    assert simulator.state.deletions == []
+    # The full sweep then deletes exactly what retention lets go.
+    assert await rotation.apply_retention(engine, policy, B) == [loud[0]]
+
+
+async def test_quiet_sweep_hands_back_a_pair_with_a_pending_intent(
+    engine: EngineContext, simulator: Simulator
+) -> None:
+    """An unconfirmed deletion needs the locked sweep to finish it, even with nothing new to go."""
+    policy = await add_policy(engine.pool, keep_last=5)
+    ids = await history(engine, policy, A, 2)
+    await engine.pool.execute(
+        "UPDATE images SET delete_requested_at = now(), delete_reason = 'x' WHERE image_id = $1",
+        ids[0],
+    )
+    assert await rotation.sweep_quiet(engine, [(policy, A)]) == [(policy, A)]
+    assert await events(engine.pool, "retention.kept") == []

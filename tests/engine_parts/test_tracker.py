@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from datetime import timedelta
 
 from structlog.testing import capture_logs
@@ -163,15 +164,31 @@ async def test_run_follows_images_and_stops_promptly(
     await asyncio.wait_for(task, timeout=5)
 
 
-def test_interval_adapts_to_images_in_flight() -> None:
-    """Idle: the max interval; more images in flight: shorter, never below the min."""
+def test_interval_is_the_min_while_images_are_in_flight() -> None:
+    """Idle: the max interval; any image in flight: the min, however few remain."""
     settings = Settings(tracker_min_interval=2.0, tracker_max_interval=30.0)
     assert tracker.next_interval(0, settings) == 30.0
-    assert tracker.next_interval(1, settings) == 30.0
-    assert tracker.next_interval(100, settings) == 3.0
-    assert tracker.next_interval(100_000, settings) == 2.0
-    intervals = [tracker.next_interval(n, settings) for n in range(1, 500)]
-    assert intervals == sorted(intervals, reverse=True)
+    assert tracker.next_interval(1, settings) == 2.0
+    assert tracker.next_interval(100, settings) == 2.0
+
+
+def test_interval_keeps_polls_within_a_share_of_the_describe_budget() -> None:
+    """A poll costs a call per 100 images; big fleets poll less often to stay in budget."""
+    settings = Settings(
+        tracker_min_interval=0.5,
+        tracker_max_interval=30.0,
+        limits={"DescribeImages": 40},
+    )
+    # 10 calls per second is a quarter of the limit of 40.
+    assert tracker.next_interval(500, settings) == 0.5
+    assert tracker.next_interval(1000, settings) == 1.0
+    assert tracker.next_interval(4000, settings) == 4.0
+    intervals = [tracker.next_interval(n, settings) for n in range(1, 10_000, 37)]
+    assert intervals == sorted(intervals)
+    # The polls' call rate never exceeds the share, whatever the fleet.
+    assert all(
+        math.ceil(n / 100) / tracker.next_interval(n, settings) <= 10 for n in range(1, 10_000, 37)
+    )
 
 
 async def test_job_expires_when_its_window_closes_mid_build(
