@@ -76,12 +76,6 @@ UPDATE images SET delete_requested_at = NULL, delete_reason = NULL
 WHERE image_id = $1 AND deleted_at IS NULL
 """
 
-_EVENT = """
-INSERT INTO events (kind, policy_id, job_id, image_id, account, region, instance_id, reason,
-                    details)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::text::jsonb)
-"""
-
 # Images still being built in the region, or deletions not yet confirmed: either will free or
 # make room soon, so a quota-blocked job should wait rather than fail. A released 'creating'
 # job counts too: its last CreateImage may have made an image we do not know the id of yet.
@@ -167,18 +161,7 @@ async def record_event(
     **details: Any,
 ) -> None:
     """Append one ledger row about `image`."""
-    await conn.execute(
-        _EVENT,
-        kind,
-        image.policy_id,
-        image.job_id,
-        image.image_id,
-        image.account,
-        image.region,
-        image.instance_id,
-        reason,
-        json.dumps({k: v for k, v in details.items() if v is not None}, default=str),
-    )
+    await record_events(conn, [(kind, image, reason, details)])
 
 
 _EVENTS = """
