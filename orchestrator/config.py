@@ -1,19 +1,27 @@
 """Daemon settings: built-in defaults, then the TOML file in `CVM_BACKUP_CONFIG`, then environment.
 
-Environment beats file; file beats defaults (DESIGN §4). Settings are validated once, here, and
-are immutable afterwards.
+Environment beats file; file beats defaults (DESIGN §4). Every value is checked once, here, for
+its type (read from the dataclass annotations) and its range, and all problems are reported
+together as one UsageError (exit 2). Each message names the source (the file, or the environment
+variable), the field with its section (`retry.max_delay`, `accounts[2].profile`; accounts count
+from 1, like policies) and the reason. Settings are immutable afterwards.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import os
+import re
 import tomllib
-from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_type_hints
 
 from orchestrator.errors import UsageError
+from orchestrator.policies import ACCOUNT_RE
+from orchestrator.tencent import endpoints
 
 DEFAULT_ENDPOINT = "https://cvm.tencentcloudapi.com"
 
@@ -79,76 +87,363 @@ class Settings:
     accounts: tuple[AccountSettings, ...] = (AccountSettings(),)
 
 
-def _section(data: Mapping[str, Any], source: str, cls: type[Any]) -> dict[str, Any]:
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise UsageError(
-            f"{source}: unknown key(s) {', '.join(unknown)}; expected some of "
-            f"{', '.join(sorted(known))}"
-        )
-    return dict(data)
+# Environment variables that set a field; the first one set (and non-empty) wins.
+ENVIRONMENT: Mapping[str, tuple[str, ...]] = {
+    "database_url": ("CVM_BACKUP_DATABASE_URL", "DATABASE_URL"),
+    "home": ("CVM_BACKUP_HOME",),
+    "endpoint": ("CVM_BACKUP_ENDPOINT",),
+    "log_format": ("CVM_BACKUP_LOG_FORMAT",),
+}
+LOG_FORMATS = ("auto", "json", "console")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+Check = Callable[[Any], str | None]
 
 
-def _from_file(path: Path) -> dict[str, Any]:
+class _Invalid(ValueError):
+    """One value is wrong; the message says what was expected."""
+
+
+class _Problems:
+    """Every problem found so far, each naming its source, field and reason."""
+
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+        self.fields: set[str] = set()
+
+    def add(self, source: str, name: str, reason: str) -> None:
+        """Record one problem with one field."""
+        self.messages.append(f"{source}: {name}: {reason}")
+        self.fields.add(name)
+
+
+# ---------------------------------------------------------------- types, from the annotations
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, dict | list):
+        # Not echoed: tables and arrays may be long, or hold what should not be shown.
+        return "a table" if isinstance(value, dict) else "an array"
+    kinds = {bool: "boolean", int: "integer", float: "float", str: "string"}
+    kind, shown = kinds.get(type(value), type(value).__name__), repr(value)
+    return f"{kind} {shown if len(shown) <= 60 else shown[:57] + '...'}"
+
+
+def _as_bool(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise _Invalid(f"expected true or false, got {_describe(value)}")
+
+
+def _as_int(value: object) -> int:
+    # bool is an int subclass, and a float like 128.0 later breaks asyncpg and the semaphores.
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise _Invalid(f"expected an integer, got {_describe(value)}")
+
+
+def _as_float(value: object) -> float:
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    raise _Invalid(f"expected a finite number, got {_describe(value)}")
+
+
+def _as_str(value: object) -> str:
+    if isinstance(value, str):
+        return value
+    raise _Invalid(f"expected a string, got {_describe(value)}")
+
+
+def _as_path(value: object) -> Path:
+    if isinstance(value, str) and value.strip():
+        return Path(value).expanduser()
+    raise _Invalid(f"expected a non-empty path string, got {_describe(value)}")
+
+
+_CONVERTERS: Mapping[object, Callable[[object], Any]] = {
+    bool: _as_bool,
+    int: _as_int,
+    float: _as_float,
+    str: _as_str,
+    Path: _as_path,
+}
+
+
+def _convert(value: object, hint: object) -> Any:
+    # TOML has no null, so a value given for `X | None` must be an X.
+    (kind,) = [arg for arg in get_args(hint) if arg is not type(None)] or [hint]
+    return _CONVERTERS[kind](value)
+
+
+# ---------------------------------------------------------------- ranges
+
+
+def _positive(value: float) -> str | None:
+    return None if value > 0 else f"must be greater than 0, not {value!r}"
+
+
+def _not_negative(value: float) -> str | None:
+    return None if value >= 0 else f"must be 0 or more, not {value!r}"
+
+
+def _fraction(value: float) -> str | None:
+    return None if 0 < value <= 1 else f"must be in (0, 1], not {value!r}"
+
+
+def _log_format(value: str) -> str | None:
+    return None if value in LOG_FORMATS else f"must be auto, json or console, not {value!r}"
+
+
+def _log_level(value: str) -> str | None:
+    if value.upper() in logging.getLevelNamesMapping():
+        return None
+    return f"must be one of {', '.join(LOG_LEVELS)}, not {value!r}"
+
+
+def _address(value: str) -> str | None:
+    host, sep, port = value.rpartition(":")
+    if sep and host.strip("[]") and port.isascii() and port.isdigit() and int(port) <= 65535:
+        return None
+    return f"must be host:port like 127.0.0.1:9108, not {value!r}"
+
+
+def _endpoint(value: str) -> str | None:
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        endpoints.validate(value)
+    except UsageError as exc:
+        return str(exc).removeprefix("endpoint").lstrip(": ")
+    return None
+
+
+def _database_url(value: str) -> str | None:
+    scheme, sep, _ = value.partition("://")
+    if sep and scheme.lower() in {"postgres", "postgresql"}:
+        return None
+    # Never echo it: a DSN may carry a password.
+    return "must be a postgresql:// URL (the value is not shown: it may hold a password)"
+
+
+def _env_name(value: str) -> str | None:
+    if ENV_NAME_RE.match(value):
+        return None
+    # Not echoed: the usual mistake here is pasting the key itself instead of a variable name.
+    return "must name an environment variable, like TENCENTCLOUD_SECRET_ID (value not shown)"
+
+
+def _account_name(value: str) -> str | None:
+    if ACCOUNT_RE.match(value):
+        return None
+    return f"must be 1-64 letters, digits, '_', '.' or '-' (what policies name), not {value!r}"
+
+
+def _not_blank(value: str) -> str | None:
+    return None if value.strip() else "must not be empty"
+
+
+_RULES: Mapping[type, Mapping[str, Check]] = {
+    Settings: {
+        "database_url": _database_url,
+        "endpoint": _endpoint,
+        "rate_margin": _fraction,
+        "limiter_jitter": _not_negative,
+        "request_timeout": _positive,
+        "max_in_flight": _positive,
+        "lease_seconds": _positive,
+        "poll_interval": _positive,
+        "tracker_min_interval": _positive,
+        "tracker_max_interval": _positive,
+        "shutdown_grace": _not_negative,
+        "log_format": _log_format,
+        "log_level": _log_level,
+        "metrics_address": _address,
+    },
+    RetrySettings: {
+        "transient_base": _positive,
+        "busy_base": _positive,
+        "max_delay": _positive,
+        "max_transient_attempts": _positive,
+        "throttle_delay": _positive,
+    },
+    AccountSettings: {
+        "name": _account_name,
+        "secret_id_env": _env_name,
+        "secret_key_env": _env_name,
+        "session_token_env": _env_name,
+        "profile": _not_blank,
+        "cvm_role": _not_blank,
+    },
+}
+_HINTS: Mapping[type, Mapping[str, object]] = {cls: get_type_hints(cls) for cls in _RULES}
+
+# (smaller, larger): the first must not exceed the second.
+_ORDERED = (
+    ("tracker_min_interval", "tracker_max_interval"),
+    ("retry.transient_base", "retry.max_delay"),
+    ("retry.busy_base", "retry.max_delay"),
+)
+
+
+def _field(cls: type, key: str, raw: object) -> Any:
+    """`raw` checked for field `key` of `cls`: its annotated type, then its range."""
+    hints = _HINTS[cls]
+    if key not in hints:
+        raise _Invalid(f"unknown key; expected one of {', '.join(sorted(hints))}")
+    value = _convert(raw, hints[key])
+    check = _RULES[cls].get(key)
+    if check is not None and (reason := check(value)) is not None:
+        raise _Invalid(reason)
+    return value
+
+
+def _table(
+    cls: type, data: Mapping[str, Any], source: str, label: str, problems: _Problems
+) -> dict[str, Any]:
+    """The good fields of one TOML table for `cls`; every bad one is reported."""
+    values = {}
+    for key, raw in data.items():
+        try:
+            values[key] = _field(cls, key, raw)
+        except _Invalid as exc:
+            problems.add(source, f"{label}{key}", str(exc))
+    return values
+
+
+# ---------------------------------------------------------------- sections of the file
+
+
+def _limits(raw: object, source: str, problems: _Problems) -> dict[str, int] | None:
+    if not isinstance(raw, dict):
+        problems.add(source, "limits", f"expected a [limits] table, got {_describe(raw)}")
+        return None
+    limits = dict(DEFAULT_LIMITS)
+    for action, value in raw.items():
+        if action not in DEFAULT_LIMITS:
+            reason = f"unknown action; expected one of {', '.join(DEFAULT_LIMITS)}"
+        elif isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            limits[action] = value
+            continue
+        else:
+            reason = f"must be a positive integer (calls per second), not {_describe(value)}"
+        problems.add(source, f"limits.{action}", reason)
+    return limits
+
+
+def _retry(raw: object, source: str, problems: _Problems) -> RetrySettings | None:
+    if not isinstance(raw, dict):
+        problems.add(source, "retry", f"expected a [retry] table, got {_describe(raw)}")
+        return None
+    return RetrySettings(**_table(RetrySettings, raw, source, "retry.", problems))
+
+
+def _accounts(raw: object, source: str, problems: _Problems) -> tuple[AccountSettings, ...] | None:
+    if not isinstance(raw, list) or not raw:
+        got = "none" if raw == [] else _describe(raw)
+        problems.add(source, "accounts", f"expected one or more [[accounts]] tables, got {got}")
+        return None
+    accounts: dict[int, AccountSettings] = {}
+    for index, table in enumerate(raw, start=1):
+        label = f"accounts[{index}]"
+        if isinstance(table, dict):
+            values = _table(AccountSettings, table, source, f"{label}.", problems)
+            accounts[index] = AccountSettings(**values)
+        else:
+            problems.add(source, label, f"expected an [[accounts]] table, got {_describe(table)}")
+    _unique_names(accounts, source, problems)
+    return tuple(accounts.values())
+
+
+def _unique_names(
+    accounts: Mapping[int, AccountSettings], source: str, problems: _Problems
+) -> None:
+    seen: dict[str, int] = {}
+    for index, account in accounts.items():
+        if f"accounts[{index}].name" in problems.fields:
+            continue  # already reported; its stand-in default name proves nothing
+        if account.name in seen:
+            problems.add(
+                source,
+                f"accounts[{index}].name",
+                f"duplicate; accounts[{seen[account.name]}] is already named {account.name!r}",
+            )
+        seen.setdefault(account.name, index)
+
+
+_SECTIONS: Mapping[str, Callable[[object, str, _Problems], Any]] = {
+    "limits": _limits,
+    "retry": _retry,
+    "accounts": _accounts,
+}
+
+
+# ---------------------------------------------------------------- sources
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UsageError(f"{path}: config file not found (CVM_BACKUP_CONFIG)") from None
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read config file: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{path}: not valid TOML: the file is not UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"{path}: not valid TOML: {exc}") from None
-    values = _section(data, str(path), Settings)
-    if "retry" in values:
-        values["retry"] = RetrySettings(
-            **_section(values["retry"], f"{path}: [retry]", RetrySettings)
-        )
-    if "accounts" in values:
-        values["accounts"] = tuple(
-            AccountSettings(**_section(a, f"{path}: [[accounts]]", AccountSettings))
-            for a in values["accounts"]
-        )
-    if "limits" in values:
-        values["limits"] = {**DEFAULT_LIMITS, **values["limits"]}
-    if "home" in values:
-        values["home"] = Path(values["home"]).expanduser()
+
+
+def _from_file(path: Path, problems: _Problems) -> dict[str, Any]:
+    data, source = _read(path), str(path)
+    plain = {key: raw for key, raw in data.items() if key not in _SECTIONS}
+    values = _table(Settings, plain, source, "", problems)
+    for key, read in _SECTIONS.items():
+        if key in data and (value := read(data[key], source, problems)) is not None:
+            values[key] = value
     return values
 
 
-def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
+def _from_env(env: Mapping[str, str], problems: _Problems) -> dict[str, Any]:
     values: dict[str, Any] = {}
-    if url := env.get("CVM_BACKUP_DATABASE_URL") or env.get("DATABASE_URL"):
-        values["database_url"] = url
-    if home := env.get("CVM_BACKUP_HOME"):
-        values["home"] = Path(home).expanduser()
-    if endpoint := env.get("CVM_BACKUP_ENDPOINT"):
-        values["endpoint"] = endpoint
-    if fmt := env.get("CVM_BACKUP_LOG_FORMAT"):
-        values["log_format"] = fmt
+    for key, names in ENVIRONMENT.items():
+        name = next((n for n in names if env.get(n)), None)
+        if name is None:
+            continue
+        try:
+            values[key] = _field(Settings, key, env[name])
+        except _Invalid as exc:
+            problems.add(f"environment {name}", key, str(exc))
     return values
+
+
+def _value(settings: Settings, dotted: str) -> Any:
+    value: Any = settings
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _check_order(settings: Settings, source: str, problems: _Problems) -> None:
+    """Pairs whose first must not exceed the second, once both are individually good."""
+    for low, high in _ORDERED:
+        if {low, high} & problems.fields:
+            continue
+        smaller, larger = _value(settings, low), _value(settings, high)
+        if smaller > larger:
+            problems.add(source, low, f"must not exceed {high} ({smaller} > {larger})")
 
 
 def load(env: Mapping[str, str] | None = None) -> Settings:
     """Settings from defaults, the config file and the environment, validated."""
     env = os.environ if env is None else env
+    problems = _Problems()
     values: dict[str, Any] = {}
-    if path := env.get("CVM_BACKUP_CONFIG"):
-        values.update(_from_file(Path(path)))
-    values.update(_from_env(env))
-    try:
-        settings = replace(Settings(), **values)
-    except TypeError as exc:
-        raise UsageError(f"config: {exc}") from None
-    _validate(settings)
+    path = env.get("CVM_BACKUP_CONFIG")
+    if path:
+        values.update(_from_file(Path(path), problems))
+    values.update(_from_env(env, problems))
+    settings = Settings(**values)
+    # Only the file sets the ordered pairs, so with no file the defaults hold and pass.
+    _check_order(settings, path or "config", problems)
+    if problems.messages:
+        raise UsageError(*problems.messages)
     return settings
-
-
-def _validate(settings: Settings) -> None:
-    if settings.log_format not in {"auto", "json", "console"}:
-        raise UsageError(
-            f"config: log_format must be auto, json or console, not {settings.log_format!r}"
-        )
-    for action, limit in settings.limits.items():
-        if not isinstance(limit, int) or limit <= 0:
-            raise UsageError(f"config: limits.{action} must be a positive integer, not {limit!r}")
-    if not 0 < settings.rate_margin <= 1:
-        raise UsageError("config: rate_margin must be in (0, 1]")

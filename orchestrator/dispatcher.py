@@ -18,8 +18,9 @@ import structlog
 
 from orchestrator import backoff, jobs, logs, naming
 from orchestrator.context import EngineContext
+from orchestrator.db.batch import GroupWriter
 from orchestrator.db.resilience import DbWatch, is_connection_error
-from orchestrator.jobs import Job
+from orchestrator.jobs import ImageRecord, Job
 from orchestrator.tencent.errors import ErrorClass, TencentError
 from orchestrator.tencent.models import CreateImageResult, Image
 
@@ -28,6 +29,8 @@ log = logs.get("dispatcher")
 # A success without ImageId (seed 002) is looked up by name; the image may take a moment to show.
 _LEGACY_LOOKUPS = 3
 _LEGACY_LOOKUP_DELAY = 0.5
+# Claims wait until this fraction of the in-flight slots is free (see `_take_slots`).
+REFILL_FRACTION = 4
 # Connection-level database failures a loop survives (and logs); anything else is a bug.
 DB_BLIPS = (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError)
 
@@ -60,6 +63,10 @@ class Dispatcher:
         self._idle_until: datetime | None = None
         self._in_flight: dict[int, asyncio.Task[None]] = {}
         self._slots = asyncio.Semaphore(ctx.settings.max_in_flight)
+        self._refill = max(1, ctx.settings.max_in_flight // REFILL_FRACTION)
+        # The two writes every job makes around its call go out grouped across jobs.
+        self._marks = GroupWriter(self._write_marks, key=int)
+        self._records = GroupWriter(self._write_records, key=lambda record: record.job_id)
 
     @property
     def in_flight(self) -> Sequence[int]:
@@ -113,22 +120,37 @@ class Dispatcher:
         return account not in self.paused and (held is None or account in held)
 
     async def _take_slots(self, stop: asyncio.Event) -> int:
-        # Block for one slot (the in-flight bound), then take every other free one at once.
+        # Wait for a refill's worth of free slots, then take every free one: refilling one
+        # slot at a time would cost a claim statement per job once the engine is busy.
+        taken = 0
+        while taken < self._refill:
+            if not await self._one_slot(stop):
+                self._give_back(taken)
+                return 0
+            taken += 1
+        while not self._slots.locked():
+            await self._slots.acquire()
+            taken += 1
+        return taken
+
+    async def _one_slot(self, stop: asyncio.Event) -> bool:
+        """Block for one slot (the in-flight bound); False when `stop` came first."""
+        if stop.is_set():
+            return False
+        if not self._slots.locked():
+            await self._slots.acquire()
+            return True
         acquired = asyncio.ensure_future(self._slots.acquire())
         stopped = asyncio.ensure_future(stop.wait())
         await asyncio.wait({acquired, stopped}, return_when=asyncio.FIRST_COMPLETED)
         stopped.cancel()
         if not acquired.done() or acquired.cancelled():
             acquired.cancel()
-            return 0
+            return False
         if stop.is_set():
             self._slots.release()
-            return 0
-        taken = 1
-        while not self._slots.locked():
-            await self._slots.acquire()
-            taken += 1
-        return taken
+            return False
+        return True
 
     async def _idle(self, stop: asyncio.Event) -> None:
         # Sleep until the next job is due, a poll interval passes, or someone wakes us.
@@ -186,6 +208,8 @@ class Dispatcher:
         for job_id in unfinished:
             self._in_flight[job_id].cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self._marks.aclose()
+        await self._records.aclose()
         if unfinished:
             await jobs.release(self.ctx.pool, self.ctx.worker_id, unfinished)
             log.warning("job.released", jobs=unfinished, reason="shutdown")
@@ -255,6 +279,8 @@ class Dispatcher:
         return next(iter(ours or images), None)
 
     async def _create(self, job: Job) -> None:
+        if job.gated and await self._quota_gated(job):
+            return
         client = self.ctx.client(job.account)
         try:
             disks = await self._data_disks(job)
@@ -294,13 +320,18 @@ class Dispatcher:
         return found[0].data_disk_ids if found else None
 
     async def _mark_creating(self, job: Job) -> bool:
-        async with self.ctx.pool.acquire() as conn:
-            ok = await jobs.mark_creating(conn, job, self.ctx.worker_id)
+        ok = await self._marks.submit(job.id)
         if not ok:
             log.warning("job.lease_lost", step="mark_creating")
         return ok
 
     # -- record ------------------------------------------------------------------------------
+
+    async def _write_marks(self, ids: Sequence[int]) -> set[int]:
+        return await jobs.mark_creating(self.ctx.pool, self.ctx.worker_id, ids)
+
+    async def _write_records(self, records: Sequence[ImageRecord]) -> set[int]:
+        return await jobs.record_images(self.ctx.pool, self.ctx.worker_id, records)
 
     async def _on_created(self, job: Job, result: CreateImageResult) -> None:
         if result.image_id is not None:
@@ -339,20 +370,8 @@ class Dispatcher:
     async def _record_image(
         self, job: Job, image_id: str, state: str, request_id: str | None, outcome: str
     ) -> None:
-        attempt = {
-            "outcome": outcome,
-            "attempt": job.attempts + 1,
-            "request_id": request_id,
-        }
-        ok = await jobs.record_image(
-            self.ctx.pool,
-            job,
-            self.ctx.worker_id,
-            image_id,
-            state,
-            request_id=request_id,
-            attempt=attempt,
-        )
+        attempt = {"outcome": outcome, "attempt": job.attempts + 1, "request_id": request_id}
+        ok = await self._records.submit(ImageRecord(job.id, image_id, state, request_id, attempt))
         if not ok:
             log.warning("job.lease_lost", step="record_image", image_id=image_id)
         elif outcome != "resolved_by_name":
@@ -405,17 +424,34 @@ class Dispatcher:
         if job.on_quota != "rotate":
             await self._finish(job, "failed", reason="quota_full", error=exc, count=True)
             return
-        from orchestrator import rotation
+        from orchestrator import quota_gate
 
-        result = await rotation.rotate_for_quota(self.ctx, job.account, job.region)
-        if result.freed > 0:
+        room = await quota_gate.make_room(self.ctx, job.account, job.region)
+        if room.freed > 0:
             await self._retry(job, _now(), "pending", count=False, error=exc, outcome="rotated")
-        elif result.exhausted and await self._exhaustion_confirmed(job):
+        elif room.exhausted and await self._exhaustion_confirmed(job):
             await self._finish(job, "failed", reason="quota_exhausted", error=exc, count=True)
-        else:
-            # Our images still being built will make older ones evictable: wait for them.
-            outcome = "quota_exhausted_unconfirmed" if result.exhausted else "quota_wait"
+        elif room.exhausted:
+            outcome = "quota_exhausted_unconfirmed"
             await self._backoff(job, exc, ErrorClass.TRANSIENT, "pending", outcome=outcome)
+        else:
+            # Our images still being built will make older ones evictable: wait behind the
+            # region's closed gate (a settled image or the gate's backoff reopens it).
+            when = min(room.reopen_at or _now(), job.deadline)
+            await self._retry(job, when, "pending", count=True, error=exc, outcome="quota_wait")
+
+    async def _quota_gated(self, job: Job) -> bool:
+        """Park the job, durably, while its region's quota is known full; True when parked."""
+        from orchestrator import quota_gate
+
+        verdict = await quota_gate.admit(self.ctx, job)
+        if verdict.until is None:
+            return False
+        when = min(verdict.until, job.deadline)
+        # No call was made: not an attempt. 'pending' even after a name lookup: a late image
+        # from an earlier call answers the next CreateImage with Duplicate, and is adopted.
+        await self._retry(job, when, "pending", count=False, error=None, outcome="quota_gated")
+        return True
 
     async def _exhaustion_confirmed(self, job: Job) -> bool:
         """Fail on exhaustion only when nothing is in flight and it was seen once before."""

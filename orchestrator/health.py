@@ -47,7 +47,7 @@ def parse_address(address: str) -> tuple[str, int]:
     """`host:port` (or `[v6]:port`) -> (host, port); a bad value is a UsageError."""
     host, sep, port = address.rpartition(":")
     host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
+    if not sep or not host or not (port.isascii() and port.isdigit()) or int(port) > 65535:
         raise UsageError(f"config: metrics_address must be host:port, not {address!r}")
     return host, int(port)
 

@@ -7,6 +7,7 @@ write changes nothing and returns False; the caller drops the job.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -45,7 +46,11 @@ WHERE j.id = due.id AND p.id = j.policy_id
 RETURNING j.id, j.run_id, j.policy_id, j.account, j.region, j.instance_id, j.slot,
           j.image_name, j.state, j.attempts, j.deadline, j.image_id,
           p.name AS policy_name, p.enabled, p.force_poweroff, p.sysprep,
-          p.include_data_disks, p.on_quota
+          p.include_data_disks, p.on_quota,
+          -- Whether the region's quota gate is closed (orchestrator.quota_gate): only then
+          -- does the job consult it, so an open region costs no statement per job.
+          EXISTS (SELECT 1 FROM quota_gates g
+                  WHERE g.account = j.account AND g.region = j.region) AS gated
 """
 
 
@@ -71,6 +76,7 @@ class Job:
     sysprep: bool
     include_data_disks: bool
     on_quota: str
+    gated: bool = False  # the region's quota gate was closed when the job was claimed
 
 
 async def claim(
@@ -113,15 +119,19 @@ async def release(pool: asyncpg.Pool, owner: str, ids: Sequence[int]) -> int:
     return int(result.split()[-1])
 
 
-async def mark_creating(conn: Any, job: Job, owner: str) -> bool:
-    """Record, before CreateImage, that a call with this job's name may reach Tencent."""
-    status = await conn.execute(
+async def mark_creating(conn: Any, owner: str, ids: Sequence[int]) -> set[int]:
+    """Record, before CreateImage, that calls with these jobs' names may reach Tencent.
+
+    One statement for a whole group (orchestrator.db.batch); the ids still leased to `owner`.
+    """
+    rows = await conn.fetch(
         "UPDATE jobs SET state = 'creating', updated_at = now()"
-        " WHERE id = $1 AND lease_owner = $2 AND state IN ('claimed', 'creating')",
-        job.id,
+        " WHERE id = ANY($1::bigint[]) AND lease_owner = $2 AND state IN ('claimed', 'creating')"
+        " RETURNING id",
+        list(ids),
         owner,
     )
-    return bool(status == "UPDATE 1")
+    return {row["id"] for row in rows}
 
 
 async def retry_later(
@@ -186,49 +196,61 @@ async def finish(
     return bool(status == "UPDATE 1")
 
 
-# One statement, so one round trip: the job waits for the tracker, the image is recorded as
-# ours, and the attempt goes to the ledger; all or nothing, and nothing when the lease is lost.
-_RECORD_IMAGE = """
-WITH j AS (
-    UPDATE jobs SET state = 'waiting_image', image_id = $3, lease_owner = NULL,
+# One statement for a whole group of jobs (orchestrator.db.batch): each job waits for the
+# tracker, its image is recorded as ours, and its attempt goes to the ledger; all or nothing, and
+# nothing for a job whose lease was lost. Details travel as text: asyncpg has no jsonb[] codec.
+_RECORD_IMAGES = """
+WITH r AS (
+    SELECT * FROM unnest($2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[])
+        AS r(job_id, image_id, request_id, image_state, details)
+), j AS (
+    UPDATE jobs SET state = 'waiting_image', image_id = r.image_id, lease_owner = NULL,
                     lease_expires_at = NULL, updated_at = now(),
-                    last_request_id = coalesce($4, last_request_id)
-    WHERE id = $1 AND lease_owner = $2
-    RETURNING id, run_id, policy_id, account, region, instance_id, slot, image_name
+                    last_request_id = coalesce(r.request_id, last_request_id)
+    FROM r
+    WHERE jobs.id = r.job_id AND jobs.lease_owner = $1
+    RETURNING jobs.id, jobs.run_id, jobs.policy_id, jobs.account, jobs.region, jobs.instance_id,
+              jobs.slot, jobs.image_name, r.image_id, r.image_state, r.details
 ), i AS (
     INSERT INTO images (image_id, name, account, region, instance_id, policy_id, slot, job_id,
                         state)
-    SELECT $3, image_name, account, region, instance_id, policy_id, slot, id, $5::text FROM j
+    SELECT image_id, image_name, account, region, instance_id, policy_id, slot, id, image_state
+    FROM j
     ON CONFLICT (image_id) DO NOTHING
 ), e AS (
     INSERT INTO events (kind, policy_id, run_id, job_id, image_id, account, region,
                         instance_id, details)
-    SELECT 'job.attempt', policy_id, run_id, id, $3, account, region, instance_id, $6::jsonb
+    SELECT 'job.attempt', policy_id, run_id, id, image_id, account, region, instance_id,
+           details::jsonb
     FROM j
 )
-SELECT count(*) FROM j
+SELECT id FROM j
 """
 
 
-async def record_image(
-    conn: Any,
-    job: Job,
-    owner: str,
-    image_id: str,
-    image_state: str,
-    *,
-    request_id: str | None,
-    attempt: dict[str, Any],
-) -> bool:
-    """The image is known: the job waits for the tracker, the image is ours, the attempt logged.
+@dataclass(frozen=True, slots=True)
+class ImageRecord:
+    """A job's image, known after CreateImage or a lookup by name, and its ledger details."""
 
-    `attempt` is the `job.attempt` ledger row's details; False when the lease was lost.
-    """
-    details = {k: v for k, v in attempt.items() if v is not None}
-    count = await conn.fetchval(
-        _RECORD_IMAGE, job.id, owner, image_id, request_id, image_state, details
+    job_id: int
+    image_id: str
+    image_state: str
+    request_id: str | None
+    attempt: dict[str, Any]  # the `job.attempt` ledger row's details
+
+
+async def record_images(conn: Any, owner: str, records: Sequence[ImageRecord]) -> set[int]:
+    """Jobs wait for the tracker, their images are ours, attempts logged; ids still ours."""
+    rows = await conn.fetch(
+        _RECORD_IMAGES,
+        owner,
+        [r.job_id for r in records],
+        [r.image_id for r in records],
+        [r.request_id for r in records],
+        [r.image_state for r in records],
+        [json.dumps({k: v for k, v in r.attempt.items() if v is not None}) for r in records],
     )
-    return bool(count == 1)
+    return {row["id"] for row in rows}
 
 
 async def event(conn: Any, kind: str, job: Job, **details: Any) -> None:

@@ -6,8 +6,11 @@ leaky bucket with a burst of `limit` does not give that (reference §8: `AsyncLi
 lets 19 through one window), so each (account, action) gets an aiolimiter bucket of just over
 one call that spaces grants evenly (`spacing`, `primed_bucket`), used by one waiter at a time.
 
-A lane starts as if it had just granted a call, so a restart or a lease takeover never bursts;
-`RequestLimitExceeded` halves its rate and quiet time brings it back step by step (AIMD).
+A lane starts as if it had granted a call when its account's lease was gained (`forget`), or at
+its first use when there is no lease; so a restart or a lease takeover never bursts, and a lane
+idle since the lease was gained grants its first call at once (the first call of a slot is not
+held back a period for nothing). `RequestLimitExceeded` halves its rate and quiet time brings it
+back step by step (AIMD).
 Limiters bind to the running loop on first use, never at import (aiolimiter warns otherwise).
 """
 
@@ -60,17 +63,20 @@ def window_bound(
     return math.floor((1 + 2 * jitter + catch_up) / period) + 1
 
 
-async def primed_bucket(period: float, catch_up: float = DEFAULT_CATCH_UP) -> AsyncLimiter:
-    """A bucket granting one call per `period`, at most `catch_up` early, starting full."""
+async def primed_bucket(
+    period: float, catch_up: float = DEFAULT_CATCH_UP, idle: float = 0.0
+) -> AsyncLimiter:
+    """A bucket granting one call per `period`, at most `catch_up` early, full `idle` s ago."""
     # Capacity 1 + e with a leak of one unit per period is a grid with a tolerance of e periods:
     # a grant that came late by d lets the next come d sooner, never more than e * period, so
     # lateness does not pile up and calls never bunch (a bucket of `limit` lets `limit` bunch).
     tolerance = catch_up / period
     limiter = AsyncLimiter(1 + tolerance, period * (1 + tolerance))
-    # Full, as if the last second had been busy: the first grant is one period away, so a fresh
-    # lane never bursts and a rate change never shortens the gap to the call before. A fresh
-    # bucket has room for this, so it returns without waiting.
-    await limiter.acquire(limiter.max_rate)
+    # Full as of `idle` seconds ago, as if the last second had been busy: the first grant is at
+    # least one period after that call, so a fresh lane never bursts and a rate change never
+    # shortens the gap to the call before. What is left after leaking `idle` seconds fits in a
+    # fresh bucket, so this returns without waiting.
+    await limiter.acquire(max(limiter.max_rate - idle / period, 0.0))
     return limiter
 
 
@@ -121,6 +127,7 @@ class _Lane:
         full_period: float,
         adapt: Adaptation,
         catch_up: float,
+        started_at: float | None = None,
     ) -> None:
         self.account, self.action, self.limit = account, action, limit
         self._full_period = full_period
@@ -132,6 +139,8 @@ class _Lane:
         self._slowed_at = -math.inf
         self._bucket: AsyncLimiter | None = None
         self._bucket_period = 0.0
+        # When the lane's history begins (the lease gain): its first bucket is primed as of then.
+        self._started_at = self._changed_at if started_at is None else started_at
         # Only the lock holder waits in the bucket, so a bucket can be replaced when the rate
         # changes without two buckets granting side by side.
         self._lock = asyncio.Lock()
@@ -150,7 +159,12 @@ class _Lane:
         self._total_wait += self._loop.time() - started
 
     async def _current_bucket(self) -> AsyncLimiter:
-        if self._bucket is None or self._bucket_period != self._period:
+        if self._bucket is None:
+            idle = max(self._loop.time() - self._started_at, 0.0)
+            self._bucket = await primed_bucket(self._period, self._catch_up, idle)
+            self._bucket_period = self._period
+        elif self._bucket_period != self._period:
+            # Primed as of now: the new spacing counts from the latest grant at the latest.
             self._bucket = await primed_bucket(self._period, self._catch_up)
             self._bucket_period = self._period
         return self._bucket
@@ -222,6 +236,8 @@ class Limiters:
         self._catch_up = catch_up
         self._adapt = adapt or Adaptation()
         self._lanes: dict[tuple[str, str], _Lane] = {}
+        # Loop time each account's lanes start from, set by `forget` (the lease gain).
+        self._started: dict[str, float] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @classmethod
@@ -246,9 +262,17 @@ class Limiters:
         self._lane(account, action).throttle()
 
     def forget(self, account: str) -> None:
-        """Drop an account's limiters (lease lost); next use starts them fresh, without a burst."""
+        """Restart an account's limiters (lease gained) as if each had granted a call just now."""
         for key in [key for key in self._lanes if key[0] == account]:
             del self._lanes[key]
+        self._started.pop(account, None)
+        try:
+            loop = self._bind()
+        except RuntimeError:
+            return  # outside a loop: the lanes start at their first use instead
+        # Lanes are still made on first use, but primed as of this moment: one idle since the
+        # lease was gained grants at once, and none grants within a period of the gain.
+        self._started[account] = loop.time()
 
     def stats(self, account: str, action: str) -> LimiterStats:
         """The stats of one (account, action) limiter."""
@@ -258,13 +282,18 @@ class Limiters:
         """The stats of every limiter used so far, keyed by (account, action)."""
         return {key: lane.stats() for key, lane in self._lanes.items()}
 
-    def _lane(self, account: str, action: str) -> _Lane:
+    def _bind(self) -> asyncio.AbstractEventLoop:
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
             # A new loop (tests, a restarted daemon) starts afresh: locks and buckets bind to
-            # the loop they were first used in.
+            # the loop they were first used in, and its clock is not the old one's.
             self._lanes.clear()
+            self._started.clear()
             self._loop = loop
+        return loop
+
+    def _lane(self, account: str, action: str) -> _Lane:
+        self._bind()
         lane = self._lanes.get((account, action))
         if lane is None:
             lane = self._lanes[(account, action)] = _Lane(
@@ -274,6 +303,7 @@ class Limiters:
                 full_period=self.period(action),
                 adapt=self._adapt,
                 catch_up=self._catch_up,
+                started_at=self._started.get(account),
             )
         return lane
 

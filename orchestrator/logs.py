@@ -6,6 +6,7 @@ bound once with `structlog.contextvars.bound_contextvars` by the code that owns 
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import sys
@@ -20,10 +21,17 @@ _HANDLER_NAME = "cvm-backup"
 _DSN_PASSWORD = re.compile(r"(postgres(?:ql)?://[^:/@\s]+:)[^@\s]+@")
 
 
+@functools.lru_cache(maxsize=1024)
+def _secret_key(key: str) -> bool:
+    # Log keys come from a small fixed vocabulary: remembering the answer keeps the scrub
+    # (which runs on every line) from searching each key with a regex again.
+    return _SECRET_KEYS.search(key) is not None
+
+
 def scrub(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """Processor: redact secret-looking keys and passwords inside DSNs."""
     for key, value in event.items():
-        if _SECRET_KEYS.search(key) and value is not None:
+        if _secret_key(key) and value is not None:
             event[key] = "***"
         elif isinstance(value, str) and "://" in value:
             event[key] = _DSN_PASSWORD.sub(r"\1***@", value)
@@ -83,14 +91,27 @@ def get(name: str | None = None) -> Any:
 
 
 class _Named:
-    """Binds `logger=name` per call, so module-level loggers follow a later configure()."""
+    """Binds `logger=name` once per structlog configuration, so module-level loggers follow a
+    later configure() (tests, `run`) without paying for a bind on every call."""
 
-    __slots__ = ("_name",)
+    __slots__ = ("_bound", "_name", "_source")
 
     def __init__(self, name: str) -> None:
         self._name = name
+        self._source: tuple[Any, ...] = ()
+        self._bound: Any = None
 
     def __getattr__(self, method: str) -> Any:
-        # bind() on structlog's lazy proxy freezes the configuration of the moment (import
-        # time for module-level loggers); binding at each call keeps tests and `run` in sync.
-        return getattr(structlog.get_logger().bind(logger=self._name), method)
+        return getattr(self._logger(), method)
+
+    def _logger(self) -> Any:
+        config = structlog.get_config()
+        # The configuration objects themselves, held here, so a new configure() never matches
+        # an old one by a reused id().
+        source = (config["processors"], config["wrapper_class"], config["logger_factory"])
+        if len(self._source) != len(source) or any(
+            a is not b for a, b in zip(self._source, source, strict=True)
+        ):
+            self._bound = structlog.get_logger().bind(logger=self._name)
+            self._source = source
+        return self._bound

@@ -24,8 +24,9 @@ from typing import Any
 
 import structlog
 
-from orchestrator import logs, retention
+from orchestrator import logs, quota_gate, retention
 from orchestrator.context import EngineContext
+from orchestrator.db.pool import keeps_session_state
 from orchestrator.retention import Candidate, Decision, Rules
 from orchestrator.tencent.errors import ErrorClass, TencentError
 
@@ -142,6 +143,8 @@ async def region_lock(ctx: EngineContext, account: str, region: str) -> AsyncIte
     """Hold the (account, region) delete lock; yields the connection that holds it."""
     key = f"{account}/{region}"
     async with _local_lock(account, region), ctx.pool.acquire() as conn:
+        # A session lock: should the unlock below be cut short, the pool's reset releases it.
+        keeps_session_state(conn)
         await conn.execute("SELECT pg_advisory_lock($1, hashtext($2))", LOCK_NAMESPACE, key)
         try:
             yield conn
@@ -218,6 +221,8 @@ async def _confirm(conn: Conn, kind: str, image: LiveImage, reason: str, **detai
     async with conn.transaction():
         await conn.execute(_CONFIRM, image.image_id)
         await record_event(conn, f"{kind}.deleted", image, reason, **details)
+        # One image fewer in the region: jobs parked behind its full quota may fit now.
+        await quota_gate.nudge(conn, image.account, image.region)
     log.info(
         f"{kind}.deleted",
         image_id=image.image_id,
@@ -380,6 +385,9 @@ async def sweep_quiet(ctx: EngineContext, pairs: Iterable[Pair]) -> list[Pair]:
             keeps.extend(_keep_rows(images, decisions))
     async with ctx.pool.acquire() as conn:
         await record_events(conn, keeps)
+        # New NORMAL images make their older siblings evictable: a full region may have room.
+        for account, region in sorted({(r["account"], r["region"]) for r in rows}):
+            await quota_gate.nudge(conn, account, region)
     return sorted(loud)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -27,11 +28,14 @@ from orchestrator.db import policies as policy_rows
 from orchestrator.db.resilience import DbWatch
 from orchestrator.errors import UsageError
 from orchestrator.policies import Policy
+from orchestrator.tencent.client import PAGE_SIZE, CvmClient
 from orchestrator.tencent.errors import ErrorClass, TencentError
-from orchestrator.tencent.models import Filter
+from orchestrator.tencent.models import Filter, InstancePage
 
 CHANNEL = "cvm_backup_policy_changed"
-_SLOT_PAD = 0.05
+# How far past a slot the loop wakes: enough for timer rounding (epoll counts whole ms), and a
+# wake-up that still comes early just sleeps the rest. Every ms of it delays the first call.
+_SLOT_PAD = 0.005
 log = logs.get("scheduler")
 
 
@@ -76,11 +80,103 @@ async def resolve_targets(ctx: EngineContext, policy: Policy) -> Targets:
         missing = [i for i in policy.instance_ids if i not in existing]
         found.update((i, None) for i in policy.instance_ids if i in existing)
     if policy.instance_tags:
-        # One filter per tag: Filters are ANDed, so an instance must carry all of them.
-        filters = [Filter(f"tag:{k}", (v,)) for k, v in sorted(policy.instance_tags.items())]
-        async for instance in client.iter_instances(policy.region, filters=filters):
-            found.setdefault(instance.instance_id, None)
+        filters = _tag_filters(policy)
+        found.update((i, None) for i in await tagged_instances(client, policy.region, filters))
     return Targets(tuple(found), tuple(missing))
+
+
+# The last instance count seen per tag query (account, region, filters), so the next
+# resolution asks for all its pages at once. Process memory only: a stale count costs a page
+# or a round trip, never a wrong answer.
+_known_counts: dict[tuple[str, str, tuple[Filter, ...]], int] = {}
+# Counts are learned ahead of a slot no sooner than this (seconds) ...
+PROBE_AHEAD = 120.0
+# ... and no later: a probe right before a slot would hold the slot's first page back.
+PROBE_CLEARANCE = 1.0
+
+
+def _query(
+    client: CvmClient, region: str, filters: Sequence[Filter]
+) -> tuple[str, str, tuple[Filter, ...]]:
+    return (client.account, region, tuple(filters))
+
+
+def _tag_filters(policy: Policy) -> list[Filter]:
+    # One filter per tag: Filters are ANDed, so an instance must carry all of them.
+    return [Filter(f"tag:{k}", (v,)) for k, v in sorted(policy.instance_tags.items())]
+
+
+async def tagged_instances(client: CvmClient, region: str, filters: Sequence[Filter]) -> list[str]:
+    """Ids of every instance matching `filters`; pages known to exist are fetched together."""
+    key = _query(client, region, filters)
+    found: dict[str, None] = {}
+    covered, total = 0, max(_known_counts.get(key, 1), 1)
+    while covered < total:
+        # Every page the count says is there goes out at once (each still through the
+        # limiter) instead of one round trip after another: the slot's first call comes sooner.
+        # Without a count that is the first page alone, which gives it.
+        offsets = range(covered, total, PAGE_SIZE)
+        pages = await asyncio.gather(*(_page(client, region, filters, o) for o in offsets))
+        found.update((i.instance_id, None) for page in pages for i in page.instances)
+        reached, total = _coverage(covered, offsets, pages)
+        if reached == covered:
+            break  # an empty page short of the count: the fleet shrank while we paged
+        covered = reached
+    _known_counts[key] = total
+    return list(found)
+
+
+def _coverage(start: int, offsets: Iterable[int], pages: Sequence[InstancePage]) -> tuple[int, int]:
+    """How far past `start` the pages cover the listing without a gap, and its latest count."""
+    reached = start
+    for offset, page in zip(offsets, pages, strict=True):
+        if offset > reached:
+            break  # a page came back short: what follows it is fetched again
+        reached = max(reached, offset + len(page.instances))
+    return reached, max(page.total_count for page in pages)
+
+
+async def _page(
+    client: CvmClient, region: str, filters: Sequence[Filter], offset: int
+) -> InstancePage:
+    return await client.describe_instances(region, filters=filters, offset=offset)
+
+
+async def learn_counts(ctx: EngineContext, found: Sequence[Policy], now: datetime) -> None:
+    """Count the instances of tag queries whose slot is near and whose count is unknown."""
+    slots = {policy.name: _next_slot(policy, now) for policy in found}
+    # Never into any policy's next slot: a probe starts only PROBE_CLEARANCE before it, at the
+    # latest, and gives up after half of that.
+    ahead = {name: (slot - now).total_seconds() for name, slot in slots.items() if slot}
+    first = min(ahead.values(), default=0.0)
+    clock = asyncio.get_running_loop()
+    started = clock.time()
+    for policy in found:
+        if not policy.instance_tags or ahead.get(policy.name, math.inf) > PROBE_AHEAD:
+            continue
+        if first - (clock.time() - started) < PROBE_CLEARANCE:
+            return
+        try:
+            async with asyncio.timeout(PROBE_CLEARANCE / 2):
+                await _learn_count(ctx, policy)
+        except (TencentError, LookupError, TimeoutError) as exc:
+            # Only a hint: the slot resolves its targets page by page without it.
+            log.debug("schedule.count_failed", policy=policy.name, error=repr(exc))
+
+
+async def _learn_count(ctx: EngineContext, policy: Policy) -> None:
+    client = ctx.client(policy.account)
+    key = _query(client, policy.region, _tag_filters(policy))
+    if key not in _known_counts:
+        page = await client.describe_instances(policy.region, filters=key[2], limit=1)
+        _known_counts[key] = page.total_count
+
+
+def _next_slot(policy: Policy, now: datetime) -> datetime | None:
+    try:
+        return policies.next_slot_after(policy, now)
+    except (ValueError, KeyError):
+        return None
 
 
 async def _existing(ctx: EngineContext, policy: Policy, ids: Sequence[str]) -> set[str]:
@@ -298,6 +394,7 @@ class Scheduler:
             await conn.fetchval("SELECT 1")
             self._db.ok()
             found = await load_policies(self.ctx.pool)
+            await learn_counts(self.ctx, found, datetime.now(UTC))
             now = datetime.now(UTC)
             await self._wait(stop, seconds=next_wakeup(found, now, self.ctx.settings.poll_interval))
 

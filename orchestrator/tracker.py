@@ -3,7 +3,9 @@
 What it tracks: jobs in `waiting_image` (their image id is known) and images recorded as
 CREATING whose job has already ended (expired, say): a finished build still matters for
 retention and quota. It asks DescribeImages by ImageIds, up to 100 per call, per
-(account, region), at an interval that adapts to how many images are in flight.
+(account, region), at an interval that adapts to how many images are in flight; once it has
+seen builds finish it also times polls to just after the next images are expected to, so an
+image is recorded soon after it is ready, not up to a whole interval later (`next_poll`).
 
 - NORMAL: the image is ready (ready_at, size), its job succeeds, then retention runs for that
   (policy, instance).
@@ -18,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -41,6 +43,9 @@ BATCH = 100  # DescribeImages takes at most 100 ImageIds
 VANISHED_GRACE = timedelta(seconds=30)
 FAILED_CODE = "ImageCreateFailed"
 VANISHED_CODE = "ImageVanished"
+# How many recent builds the estimate of a build's length looks at, and the quantile it takes.
+BUILD_SAMPLES = 200
+BUILD_QUANTILE = 0.05
 # The accounts whose lease this replica holds; None: every account (a single daemon, tests).
 Held = Callable[[], Collection[str]] | None
 
@@ -291,20 +296,54 @@ async def _settle(ctx: EngineContext, t: Tracked, image: Image | None, now: date
     return False
 
 
-async def _poll_batch(ctx: EngineContext, batch: Sequence[Tracked]) -> tuple[int, set[Tracked]]:
-    """(in flight, images that became NORMAL) for up to 100 images of one account and region."""
+class BuildClock:
+    """How long builds take here: learned from images this process saw become NORMAL."""
+
+    def __init__(self, samples: int = BUILD_SAMPLES, quantile: float = BUILD_QUANTILE) -> None:
+        self._ages: deque[float] = deque(maxlen=samples)
+        self._quantile = quantile
+
+    def observe(self, age: float) -> None:
+        """An image was seen NORMAL by a call sent `age` seconds after it was recorded."""
+        if age >= 0:
+            self._ages.append(age)
+
+    def estimate(self) -> float | None:
+        """Seconds after its record that an image is expected NORMAL; None before any sample."""
+        if not self._ages:
+            return None
+        # A low quantile: the poll at that age finds most builds done, yet the few odd fast
+        # ones (an image adopted already NORMAL) do not drag it down.
+        ordered = sorted(self._ages)
+        return ordered[int(self._quantile * (len(ordered) - 1))]
+
+
+def _observe(clock: BuildClock | None, asked: datetime, ready: Iterable[Tracked]) -> None:
+    if clock is not None:
+        for t in ready:
+            clock.observe((asked - t.recorded_at).total_seconds())
+
+
+async def _poll_batch(
+    ctx: EngineContext, batch: Sequence[Tracked], clock: BuildClock | None = None
+) -> tuple[list[Tracked], set[Tracked]]:
+    """(still in flight, became NORMAL) for up to 100 images of one account and region."""
     first = batch[0]
+    # Ages count from when the call was sent: what a poll timed by them can rely on.
+    asked = datetime.now(UTC)
     found = await _describe(ctx, first.account, first.region, [t.image_id for t in batch])
     by_id = {image.image_id: image for image in found}
     now = datetime.now(UTC)
-    in_flight, ready = 0, []
+    in_flight: list[Tracked] = []
+    ready: list[tuple[Tracked, Image]] = []
     for t in batch:
         image = by_id.get(t.image_id)
         if image is not None and image.state == retention.NORMAL:
             ready.append((t, image))  # the common outcome: recorded together below
         elif await _settle(ctx, t, image, now):
-            in_flight += 1
+            in_flight.append(t)
     await _ready(ctx, ready)
+    _observe(clock, asked, (t for t, _ in ready))
     return in_flight, {t for t, _ in ready}
 
 
@@ -344,15 +383,18 @@ async def _apply_retention(ctx: EngineContext, ready: Iterable[Tracked]) -> None
 
 async def poll_once(ctx: EngineContext, held: Held = None) -> int:
     """Poll every image in flight once (of `held` accounts); how many are still in flight."""
-    return await _poll(ctx, await _tracked(ctx, held))
+    return len(await _poll(ctx, await _tracked(ctx, held)))
 
 
-async def _poll(ctx: EngineContext, tracked: Iterable[Tracked]) -> int:
-    in_flight = 0
+async def _poll(
+    ctx: EngineContext, tracked: Iterable[Tracked], clock: BuildClock | None = None
+) -> list[Tracked]:
+    """Poll every image of `tracked` once; those still in flight."""
+    in_flight: list[Tracked] = []
     ready: set[Tracked] = set()
     for batch in _batches(tracked):
         try:
-            count, done = await _poll_batch(ctx, batch)
+            pending, done = await _poll_batch(ctx, batch, clock)
         except TencentError as exc:
             log.warning(
                 "tracker.poll_failed",
@@ -362,8 +404,8 @@ async def _poll(ctx: EngineContext, tracked: Iterable[Tracked]) -> int:
                 message=exc.message,
                 request_id=exc.request_id,
             )
-            count, done = len(batch), set()
-        in_flight += count
+            pending, done = batch, set()
+        in_flight += pending
         ready |= done
     await _apply_retention(ctx, ready)
     return in_flight
@@ -375,6 +417,21 @@ async def _poll(ctx: EngineContext, tracked: Iterable[Tracked]) -> int:
 # The share of DescribeImages' per-second limit the tracker's polls may use; the rest stays
 # for the dispatcher's lookups by name and for other work on the same account.
 POLL_SHARE = 0.25
+# A poll timed to an expected finish is sent this long after it (clock reads and rounding).
+_AFTER_FINISH = 0.01
+# An image still building this long past its expected finish is looked at again as soon as the
+# budget allows (when no later finish is due first): the estimate is a little off at times.
+RECHECK = 0.5
+# The shortest pause of the loop, so a failing statement cannot make it spin.
+_MIN_PAUSE = 0.01
+
+
+def poll_gap(in_flight: int, settings: Settings) -> float:
+    """The least seconds between polls that keeps them within POLL_SHARE of the call budget."""
+    calls = math.ceil(in_flight / BATCH)
+    return calls / (
+        POLL_SHARE * settings.limits.get("DescribeImages", DEFAULT_LIMITS["DescribeImages"])
+    )
 
 
 def next_interval(in_flight: int, settings: Settings) -> float:
@@ -384,16 +441,65 @@ def next_interval(in_flight: int, settings: Settings) -> float:
         return high  # new images still wake the loop at once (it looks for them every tick)
     # Any image in flight may finish at any moment, so look as often as the min allows, unless
     # a poll (one call per 100 images) would spend more than our share of the call budget.
-    calls = math.ceil(in_flight / BATCH)
-    budget = POLL_SHARE * settings.limits.get("DescribeImages", DEFAULT_LIMITS["DescribeImages"])
-    return max(low, calls / budget)
+    return max(low, poll_gap(in_flight, settings))
+
+
+def next_poll(sent: float, finishes: Iterable[float], *, regular: float, earliest: float) -> float:
+    """When to poll: after the latest finish expected before `regular`, else at `regular`."""
+    # A build expected to end before the regular poll is looked at just after it ends, so its
+    # job is not recorded up to a whole interval late; the latest such finish, so a stream of
+    # builds ending one after another costs no more polls than the regular cadence. One that
+    # was expected by the poll just `sent` and is not done yet is looked at again as soon as
+    # the call budget allows (`earliest`), never sooner.
+    timed = [max(f, earliest) for f in finishes if sent - RECHECK < f <= regular]
+    return max(timed, default=regular)
+
+
+@dataclass(slots=True)
+class _Cadence:
+    """When the loop polls next (`due`), and before when it must not poll (`earliest`)."""
+
+    due: float
+    earliest: float
+
+    def wants(self, now: float, new_images: bool) -> bool:
+        """Whether to poll now: new images or the due time, within the call budget."""
+        # A timer may fire a hair early; that must not cost a whole tick.
+        now += _AFTER_FINISH / 2
+        return now >= self.earliest and (new_images or now >= self.due)
+
+    def pause(self, now: float, tick: float) -> float:
+        """How long to sleep: until the due time, looking for new images every `tick`."""
+        wake = max(min(now + tick, self.due), self.earliest)
+        return max(wake - now, _MIN_PAUSE)
+
+
+async def _poll_and_plan(
+    ctx: EngineContext, tracked: Sequence[Tracked], clock: BuildClock
+) -> _Cadence:
+    """Poll `tracked` once; when to poll next."""
+    loop = asyncio.get_running_loop()
+    sent, wall = loop.time(), datetime.now(UTC)
+    pending = await _poll(ctx, tracked, clock)
+    done = loop.time()
+    earliest = done + poll_gap(len(pending), ctx.settings)
+    regular = done + next_interval(len(pending), ctx.settings)
+    build = clock.estimate()
+    if build is None or not pending:
+        return _Cadence(regular, earliest)
+    # Expected finishes on the loop's clock: recorded_at is the database's, but the estimate
+    # was learned against the same clocks, so a steady offset between them cancels out.
+    offset = sent + build + _AFTER_FINISH
+    finishes = (offset + (t.recorded_at - wall).total_seconds() for t in pending)
+    return _Cadence(next_poll(sent, finishes, regular=regular, earliest=earliest), earliest)
 
 
 async def run(ctx: EngineContext, stop: asyncio.Event, held: Held = None) -> None:
-    """Poll until `stop` is set: at once when new images appear, else at the adaptive interval."""
+    """Poll until `stop`: at once for new images, when images should be ready, else at intervals."""
     loop = asyncio.get_running_loop()
     seen: set[str] = set()
-    due = loop.time()
+    cadence = _Cadence(loop.time(), loop.time())
+    clock = BuildClock()
     watch = DbWatch("tracker", stop)
     while not stop.is_set():
         try:
@@ -401,14 +507,16 @@ async def run(ctx: EngineContext, stop: asyncio.Event, held: Held = None) -> Non
             async with watch:
                 tracked = await _tracked(ctx, held)
                 ids = {t.image_id for t in tracked}
-                if ids - seen or loop.time() >= due:
-                    in_flight = await _poll(ctx, tracked)
-                    seen, due = ids, loop.time() + next_interval(in_flight, ctx.settings)
+                if cadence.wants(loop.time(), bool(ids - seen)):
+                    cadence = await _poll_and_plan(ctx, tracked, clock)
+                    seen = ids
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
             # A statement failed (a deadlock, say); the next tick tries again.
             log.warning("tracker.poll_failed", error=repr(exc))
-        # A full pause after each poll: polling is CPU the dispatcher shares (one event loop).
-        await _sleep(stop, ctx.settings.tracker_min_interval)
+            cadence.due = max(cadence.due, loop.time() + ctx.settings.tracker_min_interval)
+        # Between polls the loop only looks for new images, once a tick: polling is CPU the
+        # dispatcher shares (one event loop).
+        await _sleep(stop, cadence.pause(loop.time(), ctx.settings.tracker_min_interval))
 
 
 async def _sleep(stop: asyncio.Event, seconds: float) -> None:

@@ -15,7 +15,7 @@ from orchestrator.bench.daemon import DaemonConfig
 from orchestrator.bench.harness import Env, daemon_config, daemon_for, drive, stage
 from orchestrator.bench.measures import ratio, seconds, span_rate
 from orchestrator.bench.options import Options
-from orchestrator.bench.records import Timeline, add_due_policy, tally, timeline
+from orchestrator.bench.records import Timeline, add_due_policy, tally, timeline, write_counts
 from orchestrator.bench.simside import TAGS, Fleet, api_summary, make_fleet
 from orchestrator.config import DEFAULT_LIMITS
 from orchestrator.simulator.config import NO_LIMITS
@@ -45,12 +45,14 @@ async def engine_ceiling(env: Env) -> dict[str, Any]:
     options = env.options
     fleet = unlimited_fleet(options.ceiling_jobs, options.seed)
     async with stage(env, fleet) as st:
-        own_cpu = _own_cpu()
+        own_cpu, db_cpu = _own_cpu(), env.database.cpu_seconds()
         await add_due_policy(st.dsn, "bench-ceiling", tags=TAGS)
         daemon = daemon_for(env, st, "ceiling", lifted_config(options))
         code = await drive(daemon, st, max(_TIMEOUT_FLOOR, options.ceiling_jobs / 10))
         own_cpu = _own_cpu() - own_cpu
+        db_cpu = _spent(db_cpu, env.database.cpu_seconds())
         line = await timeline(st.pool)
+        writes = await write_counts(st.pool)
         return {
             **_figures(line, st.arrivals.of("CreateImage"), daemon.started_at),
             "states": await tally(st.pool),
@@ -60,8 +62,15 @@ async def engine_ceiling(env: Env) -> dict[str, Any]:
                 "cpu_seconds": daemon.cpu_seconds,
                 "cpu_ms_per_job": ratio((daemon.cpu_seconds or 0) * 1000, line.jobs, 2),
             },
-            # The simulator shares the host's cores with the daemon and Postgres.
+            # The simulator and Postgres share the host's cores with the daemon.
             "simulator_cpu_seconds": round(own_cpu, 2),
+            "database": {
+                "cpu_seconds": None if db_cpu is None else round(db_cpu, 2),
+                "cpu_ms_per_job": ratio(None if db_cpu is None else db_cpu * 1000, line.jobs, 2),
+                # Round trips that commit, per job: what grouping writes saves.
+                "commits_per_job": ratio(writes["commits"], line.jobs, 2),
+                "row_writes": writes["tables"],
+            },
         }
 
 
@@ -78,6 +87,11 @@ def _figures(line: Timeline, creates: list[float], spawned: float) -> dict[str, 
         "scheduling_seconds": seconds(line.run_created - spawned),
         "last_create_to_recorded_seconds": seconds(tail),
     }
+
+
+def _spent(before: float | None, after: float | None) -> float | None:
+    """CPU used between two readings (None for a server whose processes we cannot see)."""
+    return None if before is None or after is None else after - before
 
 
 def _own_cpu() -> float:

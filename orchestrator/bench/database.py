@@ -8,6 +8,7 @@ or satisfy the next. With CVM_BACKUP_DATABASE_URL the databases are created on t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import tempfile
 import uuid
@@ -32,6 +33,14 @@ class BenchDatabase:
 
     admin_dsn: str
     kind: str  # "embedded" or "external"
+    data_dir: Path | None = None  # the embedded server's, whose processes we can see
+
+    def cpu_seconds(self) -> float | None:
+        """CPU the embedded server has used so far (all its processes); None if not ours."""
+        pid_file = None if self.data_dir is None else self.data_dir / "postmaster.pid"
+        if pid_file is None or not pid_file.exists():
+            return None
+        return _tree_cpu(int(pid_file.read_text().split()[0]))
 
     @asynccontextmanager
     async def fresh(self) -> AsyncIterator[str]:
@@ -59,6 +68,23 @@ class BenchDatabase:
         return {"kind": self.kind, "dsn": redact(self.admin_dsn), **shown}
 
 
+def _tree_cpu(pid: int) -> float | None:
+    """A postmaster's CPU: its own, its live backends', and the exited ones it reaped."""
+    import psutil
+
+    try:
+        main = psutil.Process(pid)
+        times = main.cpu_times()
+        total = float(times.user + times.system + times.children_user + times.children_system)
+        for child in main.children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                child_times = child.cpu_times()
+                total += child_times.user + child_times.system
+    except psutil.Error:
+        return None
+    return total
+
+
 async def _execute(dsn: str, statement: str) -> None:
     conn = await asyncpg.connect(dsn)
     try:
@@ -77,7 +103,7 @@ async def bench_database(external_dsn: str | None) -> AsyncIterator[BenchDatabas
     # Out-of-the-box settings on purpose: the figures are what the embedded default gives.
     server = await asyncio.to_thread(embedded.start, root, cleanup_mode="stop")
     try:
-        yield BenchDatabase(str(server.get_uri()), "embedded")
+        yield BenchDatabase(str(server.get_uri()), "embedded", root / embedded.PGDATA_DIRNAME)
     finally:
         await asyncio.to_thread(server.cleanup)
         shutil.rmtree(root, ignore_errors=True)

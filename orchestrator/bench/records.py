@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import asyncpg
 
@@ -107,3 +108,26 @@ async def poll(check: Callable[[], Awaitable[bool]], within: float, interval: fl
             return True
         await asyncio.sleep(interval)
     return False
+
+
+async def write_counts(pool: asyncpg.Pool) -> dict[str, Any]:
+    """Commits and row writes in this database so far, per table (Postgres' own statistics).
+
+    Backends report at transaction end, so read after the daemon has exited.
+    """
+    commits = await pool.fetchval(
+        "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
+    )
+    rows = await pool.fetch(
+        "SELECT relname, n_tup_ins, n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables"
+        " WHERE n_tup_ins + n_tup_upd > 0 ORDER BY relname"
+    )
+    tables = {
+        row["relname"]: {
+            "inserted": row["n_tup_ins"],
+            "updated": row["n_tup_upd"],
+            "hot_updated": row["n_tup_hot_upd"],
+        }
+        for row in rows
+    }
+    return {"commits": int(commits or 0), "tables": tables}

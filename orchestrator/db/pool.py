@@ -45,6 +45,48 @@ async def init_connection(conn: asyncpg.Connection) -> None:
         )
 
 
+class PoolConnection(asyncpg.Connection):
+    """A pooled connection whose release skips the reset round trip unless it needs one.
+
+    asyncpg resets every connection it takes back (unlock advisory locks, UNLISTEN, RESET ALL):
+    a statement and a commit per checkout, on every job's writes. Our pooled connections keep no
+    session state except a LISTEN (flagged here) and rotation's advisory lock (flagged by
+    `keeps_session_state`); only those pay for the reset. An open transaction is always rolled
+    back by asyncpg itself, reset query or not.
+    """
+
+    __slots__ = ("_session_state",)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._session_state = False
+
+    def keeps_session_state(self) -> None:
+        """This connection now holds session state (an advisory lock): reset it on release."""
+        self._session_state = True
+
+    async def add_listener(self, channel: str, callback: Any) -> None:
+        """LISTEN, remembering that a reset (UNLISTEN) is due on release."""
+        self._session_state = True
+        await super().add_listener(channel, callback)
+
+    def get_reset_query(self) -> str:
+        """The full reset after session state was kept, else none at all."""
+        return str(super().get_reset_query()) if self._session_state else ""
+
+    async def reset(self, *, timeout: float | None = None) -> None:  # noqa: ASYNC109 (asyncpg API)
+        """Reset as asyncpg does; the connection is clean again afterwards."""
+        await super().reset(timeout=timeout)
+        self._session_state = False
+
+
+def keeps_session_state(conn: Any) -> None:
+    """Flag a pooled connection (or its proxy) as holding session state; others: no-op."""
+    flag = getattr(conn, "keeps_session_state", None)
+    if flag is not None:
+        flag()
+
+
 def _unavailable(dsn: str, exc: BaseException) -> DatabaseUnavailable:
     # asyncpg messages carry host and port, never the password; the DSN is redacted here.
     return DatabaseUnavailable(f"database {redact(dsn)} is unreachable: {exc}")
@@ -75,6 +117,7 @@ async def create_pool_dsn(dsn: str, *, min_size: int = 1, max_size: int = 10) ->
             max_size=max_size,
             init=init_connection,
             timeout=CONNECT_TIMEOUT,
+            connection_class=PoolConnection,
         )
     except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
         raise _unavailable(dsn, exc) from None

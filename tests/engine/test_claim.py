@@ -45,15 +45,13 @@ async def test_expired_lease_is_reclaimed_by_the_next_claim(pg_pool: asyncpg.Poo
     """A dead owner's jobs come back after lease expiry, with no reaper; 'creating' is kept."""
     await _seed(pg_pool, 2)
     first, second = await jobs.claim(pg_pool, "dead", 2, 30)
-    async with pg_pool.acquire() as conn:
-        assert await jobs.mark_creating(conn, first, "dead")
+    assert await jobs.mark_creating(pg_pool, "dead", [first.id]) == {first.id}
     assert await jobs.claim(pg_pool, "alive", 2, 30) == []
     await _age_leases(pg_pool)
     taken = {j.id: j.state for j in await jobs.claim(pg_pool, "alive", 2, 30)}
     assert taken == {first.id: "creating", second.id: "claimed"}
-    async with pg_pool.acquire() as conn:
-        # The dead owner can no longer write: its lease was taken over.
-        assert not await jobs.mark_creating(conn, second, "dead")
+    # The dead owner can no longer write: its lease was taken over.
+    assert await jobs.mark_creating(pg_pool, "dead", [first.id, second.id]) == set()
 
 
 async def test_heartbeat_renews_only_own_leases(pg_pool: asyncpg.Pool) -> None:
@@ -72,7 +70,7 @@ async def test_release_returns_jobs_due_now(pg_pool: asyncpg.Pool) -> None:
     await _seed(pg_pool, 2)
     first, second = await jobs.claim(pg_pool, "me", 2, 30)
     async with pg_pool.acquire() as conn:
-        await jobs.mark_creating(conn, first, "me")
+        await jobs.mark_creating(conn, "me", [first.id])
     assert await jobs.release(pg_pool, "me", [first.id, second.id]) == 2
     rows = await pg_pool.fetch("SELECT id, state, lease_owner FROM jobs ORDER BY id")
     assert [(r["state"], r["lease_owner"]) for r in rows] == [("creating", None), ("pending", None)]
@@ -89,3 +87,23 @@ async def test_claim_skips_paused_accounts_and_future_retries(pg_pool: asyncpg.P
     assert await jobs.claim(pg_pool, "me", 5, 30, paused=["default"]) == []
     assert [j.instance_id for j in await jobs.claim(pg_pool, "me", 5, 30)] == [IDS[1]]
     assert await jobs.next_due(pg_pool) is not None
+
+
+async def test_record_images_applies_only_jobs_still_leased(pg_pool: asyncpg.Pool) -> None:
+    """One grouped write records images and ledger rows, skipping a job whose lease was lost."""
+    await _seed(pg_pool, 2)
+    kept, lost = await jobs.claim(pg_pool, "me", 2, 30)
+    await _age_leases(pg_pool)
+    await jobs.claim(pg_pool, "thief", 1, 30)  # takes the oldest lease: `kept`'s
+    records = [
+        jobs.ImageRecord(job.id, f"img-grp{job.id:05d}", "CREATING", "req-1", {"outcome": "x"})
+        for job in (kept, lost)
+    ]
+    applied = await jobs.record_images(pg_pool, "me", records)
+    assert applied == {lost.id}
+    images = await pg_pool.fetch("SELECT image_id, job_id FROM images")
+    assert [(r["image_id"], r["job_id"]) for r in images] == [(f"img-grp{lost.id:05d}", lost.id)]
+    ledger = await pg_pool.fetchval(
+        "SELECT details FROM events WHERE kind = 'job.attempt' AND job_id = $1", lost.id
+    )
+    assert ledger == {"outcome": "x"}

@@ -12,9 +12,12 @@ import pytest
 from orchestrator import scheduler
 from orchestrator.context import EngineContext
 from orchestrator.errors import UsageError
+from orchestrator.limiter import Limiters
 from orchestrator.scheduler import Scheduler
 from orchestrator.simulator.runner import Simulator
+from orchestrator.tencent.models import Filter
 from tests.engine.conftest import insert_policy, wait_for
+from tests.fixtures.sim import TEST_REGION, make_sim_config
 
 T0 = datetime(2026, 11, 23, 10, 7, tzinfo=UTC)
 
@@ -114,3 +117,55 @@ async def test_policy_change_is_picked_up_through_notify(
     finally:
         stop.set()
         await asyncio.wait_for(loop, 5)
+
+
+FLEET = 250
+BACKUP_DAILY = [Filter("tag:backup", ("daily",))]
+
+
+def _describe_calls(ctx: EngineContext) -> int:
+    limiter = ctx.client("default").limiter
+    assert isinstance(limiter, Limiters)
+    return limiter.stats("default", "DescribeInstances").calls
+
+
+@pytest.mark.parametrize("sim_config", [make_sim_config(FLEET)])
+@pytest.mark.parametrize(
+    ("hint", "calls"),
+    [(None, 3), (FLEET, 3), (450, 5), (120, 3), (0, 3)],
+)
+async def test_tagged_targets_are_complete_whatever_the_count_learned_before(
+    engine_ctx: EngineContext,
+    simulator: Simulator,
+    monkeypatch: pytest.MonkeyPatch,
+    hint: int | None,
+    calls: int,
+) -> None:
+    """Pages fetched together from a known count; a stale count costs calls, never targets."""
+    monkeypatch.setattr(scheduler, "_known_counts", {})
+    client = engine_ctx.client("default")
+    if hint is not None:
+        scheduler._known_counts[("default", TEST_REGION, tuple(BACKUP_DAILY))] = hint
+    ids = await scheduler.tagged_instances(client, TEST_REGION, BACKUP_DAILY)
+    assert sorted(ids) == sorted(i.instance_id for i in simulator.config.instances)
+    assert _describe_calls(engine_ctx) == calls
+    # What it saw is remembered: the next resolution asks for every page at once.
+    assert scheduler._known_counts[("default", TEST_REGION, tuple(BACKUP_DAILY))] == FLEET
+
+
+@pytest.mark.parametrize("sim_config", [make_sim_config(FLEET)])
+async def test_count_is_learned_once_shortly_before_a_slot(
+    engine_ctx: EngineContext, pg_pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tag query's count is probed once when its slot is near, not when it is far or imminent."""
+    monkeypatch.setattr(scheduler, "_known_counts", {})
+    await insert_policy(pg_pool, "hourly", instance_tags={"backup": "daily"}, schedule="0 * * * *")
+    found = await scheduler.load_policies(pg_pool)
+    top = datetime(2026, 11, 23, 11, 0, tzinfo=UTC)
+    for early in (timedelta(minutes=30), timedelta(seconds=0.5)):
+        await scheduler.learn_counts(engine_ctx, found, top - early)
+    assert scheduler._known_counts == {}
+    for _ in range(2):
+        await scheduler.learn_counts(engine_ctx, found, top - timedelta(seconds=30))
+    assert scheduler._known_counts == {("default", TEST_REGION, tuple(BACKUP_DAILY)): FLEET}
+    assert _describe_calls(engine_ctx) == 1

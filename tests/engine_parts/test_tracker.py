@@ -191,6 +191,63 @@ def test_interval_keeps_polls_within_a_share_of_the_describe_budget() -> None:
     )
 
 
+def test_build_estimate_is_a_low_quantile_of_recent_builds() -> None:
+    """The estimate sits at the fast end of recent builds, unmoved by a few odd fast ones."""
+    clock = tracker.BuildClock()
+    assert clock.estimate() is None
+    clock.observe(-1.0)  # a record stamped after the answer: no information
+    assert clock.estimate() is None
+    for i in range(100):
+        clock.observe(3.0 + i / 200)
+    clock.observe(0.0)
+    clock.observe(0.01)
+    estimate = clock.estimate()
+    assert estimate is not None
+    assert 3.0 <= estimate <= 3.05
+
+
+def test_build_estimate_follows_recent_builds_only() -> None:
+    """Old samples age out, so the estimate follows builds that became slower."""
+    clock = tracker.BuildClock(samples=10)
+    for _ in range(10):
+        clock.observe(1.0)
+    for _ in range(10):
+        clock.observe(5.0)
+    assert clock.estimate() == 5.0
+
+
+def test_poll_comes_just_after_the_latest_finish_expected_before_the_regular_one() -> None:
+    """Builds ending before the regular poll are looked at as they end, not an interval late."""
+    assert tracker.next_poll(0.0, [0.2, 0.3, 0.9], regular=0.5, earliest=0.1) == 0.3
+
+
+def test_poll_stays_regular_when_no_build_is_expected_to_end_sooner() -> None:
+    """Nothing expected before the regular time (or only long overdue): the regular time."""
+    assert tracker.next_poll(0.0, [], regular=0.5, earliest=0.1) == 0.5
+    assert tracker.next_poll(0.0, [0.7, 2.0], regular=0.5, earliest=0.1) == 0.5
+    assert tracker.next_poll(0.0, [-tracker.RECHECK - 1], regular=0.5, earliest=0.1) == 0.5
+
+
+def test_image_expected_ready_but_still_building_is_rechecked_at_the_budget_pace() -> None:
+    """An estimate a little short is corrected by the next poll the budget allows."""
+    assert tracker.next_poll(0.0, [-0.05], regular=0.5, earliest=0.1) == 0.1
+    # A later expected finish is looked at anyway; the recheck rides along with it.
+    assert tracker.next_poll(0.0, [-0.05, 0.4], regular=0.5, earliest=0.1) == 0.4
+
+
+def test_timed_polls_stay_within_the_call_budget() -> None:
+    """However builds are expected to end, a poll comes between `earliest` and the regular time."""
+    settings = Settings()
+    for in_flight in (1, 99, 100, 101, 350, 5000):
+        earliest = tracker.poll_gap(in_flight, settings)
+        regular = tracker.next_interval(in_flight, settings)
+        # The earliest gap keeps a poll's calls within a quarter of DescribeImages' 40/s.
+        assert math.ceil(in_flight / 100) / earliest <= 10 + 1e-9
+        for finishes in ([0.0], [0.001, 0.002], [regular], [-0.1, 0.05], [regular + 1]):
+            at = tracker.next_poll(0.0, finishes, regular=regular, earliest=earliest)
+            assert earliest <= at <= regular
+
+
 async def test_job_expires_when_its_window_closes_mid_build(
     engine: EngineContext, simulator: Simulator, sim_clock: SimClock
 ) -> None:

@@ -48,7 +48,7 @@ def test_takeover_after_full_rate_traffic_does_not_burst() -> None:
 
 
 def test_forget_restarts_an_account_without_burst() -> None:
-    """After forget() (lease lost), an idle account's next call still waits one period."""
+    """A call right after forget() (a lease gained) still waits one period: no burst."""
 
     async def scenario() -> float:
         limiters = Limiters()
@@ -57,6 +57,63 @@ def test_forget_restarts_an_account_without_burst() -> None:
         limiters.forget("a")
         started = asyncio.get_running_loop().time()
         await limiters.acquire("a", ACTION)
+        return asyncio.get_running_loop().time() - started
+
+    assert vtime.run(scenario()) == pytest.approx(Limiters().period(ACTION), abs=1e-4)
+
+
+def test_lane_idle_since_the_lease_gain_grants_its_first_call_at_once() -> None:
+    """A lane first used a while after forget() (the lease gain) is primed as of the gain."""
+
+    async def scenario() -> tuple[float, list[float]]:
+        limiters = Limiters()
+        limiters.forget("acct")
+        await asyncio.sleep(5)
+        started = asyncio.get_running_loop().time()
+        return started, await grant_times(limiters, ACTION, 10, 10)
+
+    started, times = vtime.run(scenario())
+    period = Limiters().period(ACTION)
+    assert min(times) == pytest.approx(started, abs=1e-4)
+    assert min(gaps(sorted(times))) >= period - DEFAULT_CATCH_UP
+
+
+def test_first_grant_is_a_period_after_the_lease_gain_never_sooner() -> None:
+    """Used half a period after forget(), a lane waits out the rest of the period."""
+
+    async def scenario() -> float:
+        limiters = Limiters()
+        limiters.forget("acct")
+        gained = asyncio.get_running_loop().time()
+        await asyncio.sleep(limiters.period(ACTION) / 2)
+        await limiters.acquire("acct", ACTION)
+        return asyncio.get_running_loop().time() - gained
+
+    assert vtime.run(scenario()) == pytest.approx(Limiters().period(ACTION), abs=1e-4)
+
+
+def test_takeover_primed_at_the_gain_keeps_every_window_within_the_limit() -> None:
+    """A replica gaining the lease as the old holder stops at full rate never bursts past it."""
+
+    async def scenario() -> list[float]:
+        before = await grant_times(Limiters(), ACTION, 30, 10)
+        taker = Limiters()
+        taker.forget("acct")
+        return before + await grant_times(taker, ACTION, 30, 10)
+
+    times = vtime.run(scenario())
+    assert min(gaps(times)) >= Limiters().period(ACTION) - DEFAULT_CATCH_UP
+    assert busiest_window(jittered(times, DEFAULT_JITTER)) <= 10
+
+
+def test_forget_outside_a_loop_primes_at_first_use() -> None:
+    """forget() without a running loop only drops lanes; the first use then waits a period."""
+    limiters = Limiters()
+    limiters.forget("acct")
+
+    async def scenario() -> float:
+        started = asyncio.get_running_loop().time()
+        await limiters.acquire("acct", ACTION)
         return asyncio.get_running_loop().time() - started
 
     assert vtime.run(scenario()) == pytest.approx(Limiters().period(ACTION), abs=1e-4)

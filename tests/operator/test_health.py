@@ -96,7 +96,9 @@ def test_parse_address(address: str, expected: tuple[str, int]) -> None:
     assert parse_address(address) == expected
 
 
-@pytest.mark.parametrize("address", ["9108", ":9108", "localhost:", "localhost:http", "h:70000"])
+@pytest.mark.parametrize(
+    "address", ["9108", ":9108", "localhost:", "localhost:http", "h:70000", "h:\u00b2"]
+)
 def test_parse_address_refuses(address: str) -> None:
     """A malformed metrics_address is a usage error naming the setting."""
     with pytest.raises(UsageError, match="metrics_address"):
