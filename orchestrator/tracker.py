@@ -40,6 +40,7 @@ from orchestrator.tencent.models import Image
 log = logs.get("tracker")
 
 BATCH = 100  # DescribeImages takes at most 100 ImageIds
+POLL_CONCURRENCY = 4  # DescribeImages batches of one round in flight at once
 VANISHED_GRACE = timedelta(seconds=30)
 FAILED_CODE = "ImageCreateFailed"
 VANISHED_CODE = "ImageVanished"
@@ -390,25 +391,36 @@ async def _poll(
     ctx: EngineContext, tracked: Iterable[Tracked], clock: BuildClock | None = None
 ) -> list[Tracked]:
     """Poll every image of `tracked` once; those still in flight."""
-    in_flight: list[Tracked] = []
-    ready: set[Tracked] = set()
-    for batch in _batches(tracked):
-        try:
-            pending, done = await _poll_batch(ctx, batch, clock)
-        except TencentError as exc:
-            log.warning(
-                "tracker.poll_failed",
-                account=batch[0].account,
-                region=batch[0].region,
-                code=exc.code,
-                message=exc.message,
-                request_id=exc.request_id,
-            )
-            pending, done = batch, set()
-        in_flight += pending
-        ready |= done
-    await _apply_retention(ctx, ready)
+    # A few batches at a time: a round over thousands of images otherwise takes as many round
+    # trips in a row, and its last images wait for all the others. The limiter still paces.
+    gate = asyncio.Semaphore(POLL_CONCURRENCY)
+
+    async def one(batch: list[Tracked]) -> tuple[list[Tracked], set[Tracked]]:
+        async with gate:
+            return await _poll_or_keep(ctx, batch, clock)
+
+    results = await asyncio.gather(*(one(batch) for batch in _batches(tracked)))
+    in_flight = [t for pending, _ in results for t in pending]
+    await _apply_retention(ctx, {t for _, done in results for t in done})
     return in_flight
+
+
+async def _poll_or_keep(
+    ctx: EngineContext, batch: list[Tracked], clock: BuildClock | None
+) -> tuple[list[Tracked], set[Tracked]]:
+    """One batch polled; a failed DescribeImages keeps the whole batch in flight."""
+    try:
+        return await _poll_batch(ctx, batch, clock)
+    except TencentError as exc:
+        log.warning(
+            "tracker.poll_failed",
+            account=batch[0].account,
+            region=batch[0].region,
+            code=exc.code,
+            message=exc.message,
+            request_id=exc.request_id,
+        )
+        return batch, set()
 
 
 # -- the loop ---------------------------------------------------------------------------------
