@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -57,6 +59,14 @@ def register(subparsers: Any) -> None:
     add("--no-baseline", action="store_true", help="skip the official-SDK baseline")
     add("--seed", type=int, help="fleet and fault seed")
     add("--logs", type=Path, help="keep the daemons' logs and configs in this directory")
+    add(
+        "--daemon-setting",
+        action="append",
+        type=_setting,
+        metavar="KEY=VALUE",
+        help="a daemon setting beyond the defaults, e.g. limiter_jitter=0.005 (repeatable; "
+        "checked like the config file)",
+    )
     parser.set_defaults(handler=run_bench)
 
 
@@ -83,8 +93,24 @@ def options_from(args: argparse.Namespace) -> Any:
     options = replace(options, **given, out=args.out, baseline=not args.no_baseline)
     if args.only:
         options = replace(options, scenarios=tuple(dict.fromkeys(args.only)))
+    if args.daemon_setting:
+        options = replace(
+            options, daemon_settings={**options.daemon_settings, **dict(args.daemon_setting)}
+        )
     _check(options)
     return options
+
+
+def _setting(text: str) -> tuple[str, float]:
+    """KEY=NUMBER for a numeric daemon setting (the daemon's config loader checks the rest)."""
+    key, sep, value = text.partition("=")
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not sep or not key.strip() or not math.isfinite(number):
+        raise argparse.ArgumentTypeError(f"expected KEY=NUMBER, not {text!r}")
+    return key.strip(), int(number) if value.strip().isdigit() else number
 
 
 def _check(options: Any) -> None:
@@ -95,6 +121,20 @@ def _check(options: Any) -> None:
             raise UsageError(f"bench: --{name.replace('_', '-')} must be between 0 and 1")
     if options.build_delay < 0 or options.memory_seconds < 0:
         raise UsageError("bench: --build-delay and --memory-seconds must be >= 0")
+    _check_daemon_settings(options.daemon_settings)
+
+
+def _check_daemon_settings(settings: dict[str, float]) -> None:
+    """Refuse what the daemon's own config loader would refuse, before any scenario starts."""
+    from orchestrator import config
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp, "daemon.toml")
+        path.write_text("".join(f"{key} = {value!r}\n" for key, value in settings.items()))
+        try:
+            config.load({"CVM_BACKUP_CONFIG": str(path)})
+        except UsageError as exc:
+            raise UsageError(str(exc).replace(str(path), "bench: --daemon-setting")) from None
 
 
 def run_bench(args: argparse.Namespace) -> int:
