@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "orchestrator.commands.database",
     "orchestrator.commands.policy",
     "orchestrator.commands.operator",
+    "orchestrator.commands.account",
     "orchestrator.simulator.command",
     "orchestrator.commands.bench",
 )

@@ -16,7 +16,7 @@ import secrets
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Coroutine
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -24,13 +24,15 @@ from typing import Any
 
 import asyncpg
 
-from orchestrator import jobs, logs
+from orchestrator import jobs, logs, pauses
 from orchestrator.accounts import AccountLeases
 from orchestrator.config import Settings
 from orchestrator.context import EngineContext
 from orchestrator.db.resilience import DbWatch
 from orchestrator.dispatcher import DB_BLIPS, Dispatcher
 from orchestrator.limiter import Limiters
+from orchestrator.pauses import ProbeTimings
+from orchestrator.prober import Prober
 from orchestrator.scheduler import Scheduler
 
 log = logs.get("daemon")
@@ -136,6 +138,7 @@ class Engine:
         once: bool = False,
         run_id: int | None = None,
         leases: AccountLeases | None = None,
+        probe: ProbeTimings | None = None,
     ) -> None:
         self.ctx = ctx
         self.signals = signals
@@ -145,7 +148,11 @@ class Engine:
         # None: this engine drives every account (no other replica to share them with).
         self.leases = leases
         held = leases.held if leases is not None else None
-        self.dispatcher = Dispatcher(ctx, run_id=run_id, held=held)
+        self.dispatcher = Dispatcher(ctx, run_id=run_id, held=held, probe=probe)
+        # Paused accounts are probed by the replica driving them (orchestrator.prober).
+        self.prober = Prober(
+            ctx, held=self._driven, timings=probe, on_change=self.dispatcher.pause_changed
+        )
         self.scheduler = Scheduler(ctx, on_created=self.dispatcher.wake)
         self._beat_stop = asyncio.Event()
         self._failed: list[str] = []
@@ -160,6 +167,9 @@ class Engine:
             accounts=sorted(self.ctx.clients),
             max_in_flight=self.ctx.settings.max_in_flight,
         )
+        if self.once:
+            # A due probe goes first, so a fixed account's jobs count in this drain.
+            await self.prober.round()
         if self.once and self.run_id is None:
             await self.scheduler.pass_once()
         beat = self._background()
@@ -189,6 +199,10 @@ class Engine:
             for name, fn in made
         ]
 
+    def _driven(self) -> Collection[str]:
+        """The accounts this engine drives: the leased ones, or every configured one."""
+        return self.ctx.clients.keys() if self.leases is None else self.leases.held()
+
     def lease_changed(self, account: str, gained: bool) -> None:
         """An account lease was gained or lost: fresh limiter on gain, claim at once."""
         if gained:
@@ -206,6 +220,7 @@ class Engine:
             ("dispatcher", self.dispatcher.run),
             ("tracker", lambda s: tracker.run(self.ctx, s, held)),
             ("sweeper", self._sweep),
+            ("prober", self.prober.run),
         ]
         if not self.once:
             made.append(("scheduler", self.scheduler.run))
@@ -287,8 +302,8 @@ class Engine:
     async def _drained(self) -> bool:
         if self.dispatcher.in_flight:
             return False
-        paused = sorted(self.dispatcher.paused)
-        return await jobs.live_count(self.ctx.pool, paused, run_id=self.run_id) == 0
+        # A paused account's jobs wait for a probe or an operator, not for this drain.
+        return await jobs.live_count(self.ctx.pool, run_id=self.run_id) == 0
 
     async def _complete_runs(self) -> None:
         for row in await jobs.complete_runs(self.ctx.pool):
@@ -312,7 +327,8 @@ class Engine:
             self.started_at,
             self.run_id,
         )
-        stuck = bool(self.dispatcher.paused)
+        # Jobs left waiting behind a paused account did not get their backup either.
+        stuck = await pauses.held_back(self.ctx.pool, self.run_id) > 0
         return EXIT_JOBS_FAILED if int(bad or 0) or stuck else EXIT_OK
 
 

@@ -16,11 +16,12 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import structlog
 
-from orchestrator import backoff, jobs, logs, naming
+from orchestrator import backoff, jobs, logs, naming, pauses
 from orchestrator.context import EngineContext
 from orchestrator.db.batch import GroupWriter
 from orchestrator.db.resilience import DbWatch, is_connection_error
 from orchestrator.jobs import ImageRecord, Job
+from orchestrator.pauses import ProbeTimings
 from orchestrator.tencent.errors import ErrorClass, TencentError
 from orchestrator.tencent.models import CreateImageResult, Image
 
@@ -52,12 +53,17 @@ class Dispatcher:
         *,
         run_id: int | None = None,
         held: Callable[[], Collection[str]] | None = None,
+        probe: ProbeTimings | None = None,
     ) -> None:
         self.ctx = ctx
         self.run_id = run_id  # restrict to one run (backup-now --wait); None: every run
         # The accounts whose lease this replica holds (orchestrator.accounts); None: all of them.
         self.held = held
+        # A cache of the account_pauses rows of our accounts (the claim reads the table
+        # itself): kept by `_on_account` and the prober (`pause_changed`), it stops a job
+        # claimed just before its account was paused from calling the API.
         self.paused: set[str] = set()
+        self.probe = probe or ProbeTimings()
         self.wake = asyncio.Event()
         # When the idle loop looks again (None: not idle); a retry due sooner wakes it.
         self._idle_until: datetime | None = None
@@ -95,7 +101,6 @@ class Dispatcher:
                 self.ctx.worker_id,
                 wanted,
                 self.ctx.settings.lease_seconds,
-                paused=sorted(self.paused),
                 run_id=self.run_id,
                 accounts=self._accounts(),
             )
@@ -171,7 +176,7 @@ class Dispatcher:
 
     async def _idle_timeout(self) -> float:
         """Seconds until the next job is due, at most one poll interval."""
-        due = await jobs.next_due(self.ctx.pool, sorted(self.paused), self._accounts())
+        due = await jobs.next_due(self.ctx.pool, self._accounts())
         timeout = self.ctx.settings.poll_interval
         if due is not None:
             timeout = min(timeout, max((due - _now()).total_seconds(), 0.01))
@@ -478,16 +483,37 @@ class Dispatcher:
 
     async def _on_account(self, job: Job, exc: TencentError, maybe_created: bool) -> None:
         await self._finish(job, "failed", reason="account_error", error=exc, count=True)
-        if job.account not in self.paused:
-            self.paused.add(job.account)
+        # Durable first, so this cache never holds a pause the table (and the prober) lacks.
+        paused = await pauses.pause(
+            self.ctx.pool,
+            job.account,
+            exc,
+            region=job.region,
+            instance_id=job.instance_id,
+            first_probe=self.probe.base,
+        )
+        self.paused.add(job.account)
+        if paused is not None:
             log.error(
                 "account.paused",
                 account=job.account,
                 code=exc.code,
                 message=exc.message,
                 request_id=exc.request_id,
-                hint="fix the account (balance, credentials, permissions) and restart",
+                next_probe_at=paused.probe_at.isoformat(),
+                hint=(
+                    "fix the account (balance, credentials, permissions): it resumes by itself"
+                    f" once a probe succeeds, or now with `cvm-backup account resume {job.account}`"
+                ),
             )
+
+    def pause_changed(self, account: str, paused: bool) -> None:
+        """The prober saw `account` paused or lifted; a lift claims its jobs at once."""
+        if paused:
+            self.paused.add(account)
+            return
+        self.paused.discard(account)
+        self.wake.set()
 
     async def _on_gone(self, job: Job, exc: TencentError, maybe_created: bool) -> None:
         await self._finish(job, "skipped", reason="instance_gone", error=exc)

@@ -27,10 +27,11 @@ WITH due AS (
     SELECT id FROM jobs
     WHERE state IN ('pending', 'claimed', 'creating')
       AND ((lease_owner IS NULL AND next_attempt_at <= now()) OR lease_expires_at < now())
-      AND account <> ALL($3::text[])
-      AND ($5::bigint IS NULL OR run_id = $5)
+      -- A paused account's jobs stay put (orchestrator.pauses): no statement per claim for it.
+      AND NOT EXISTS (SELECT 1 FROM account_pauses ap WHERE ap.account = jobs.account)
+      AND ($4::bigint IS NULL OR run_id = $4)
       -- Only accounts whose lease this replica holds (NULL: every account).
-      AND ($6::text[] IS NULL OR account = ANY($6::text[]))
+      AND ($5::text[] IS NULL OR account = ANY($5::text[]))
     ORDER BY next_attempt_at, id
     LIMIT $2
     -- Rows another worker is claiming right now are skipped, not waited for.
@@ -39,7 +40,7 @@ WITH due AS (
 UPDATE jobs AS j
 SET state = CASE WHEN j.state = 'pending' THEN 'claimed' ELSE j.state END,
     lease_owner = $1,
-    lease_expires_at = now() + make_interval(secs => $4),
+    lease_expires_at = now() + make_interval(secs => $3),
     updated_at = now()
 FROM due, policies AS p
 WHERE j.id = due.id AND p.id = j.policy_id
@@ -85,13 +86,12 @@ async def claim(
     limit: int,
     lease_seconds: float,
     *,
-    paused: Sequence[str] = (),
     run_id: int | None = None,
     accounts: Collection[str] | None = None,
 ) -> list[Job]:
-    """Claim up to `limit` due jobs for `owner`: not paused, and of `accounts` when given."""
+    """Claim up to `limit` due jobs for `owner`: accounts not paused, of `accounts` if given."""
     held = None if accounts is None else sorted(accounts)
-    rows = await pool.fetch(_CLAIM, owner, limit, list(paused), lease_seconds, run_id, held)
+    rows = await pool.fetch(_CLAIM, owner, limit, lease_seconds, run_id, held)
     return [Job(**dict(row)) for row in rows]
 
 
@@ -274,29 +274,27 @@ async def event(conn: Any, kind: str, job: Job, **details: Any) -> None:
     )
 
 
-async def next_due(
-    pool: asyncpg.Pool, paused: Sequence[str] = (), accounts: Collection[str] | None = None
-) -> datetime | None:
+# Jobs of a paused account wait for the prober (orchestrator.pauses), not for a time.
+_NOT_PAUSED = " AND NOT EXISTS (SELECT 1 FROM account_pauses ap WHERE ap.account = jobs.account)"
+
+
+async def next_due(pool: asyncpg.Pool, accounts: Collection[str] | None = None) -> datetime | None:
     """When the next released job becomes due, or the next lease expires; None when idle."""
     value = await pool.fetchval(
         "SELECT min(coalesce(lease_expires_at, next_attempt_at)) FROM jobs"
-        " WHERE state IN ('pending', 'claimed', 'creating') AND account <> ALL($1::text[])"
-        " AND ($2::text[] IS NULL OR account = ANY($2::text[]))",
-        list(paused),
+        " WHERE state IN ('pending', 'claimed', 'creating')"
+        " AND ($1::text[] IS NULL OR account = ANY($1::text[]))" + _NOT_PAUSED,
         None if accounts is None else sorted(accounts),
     )
     return value if isinstance(value, datetime) else None
 
 
-async def live_count(
-    pool: asyncpg.Pool, paused: Sequence[str] = (), *, run_id: int | None = None
-) -> int:
+async def live_count(pool: asyncpg.Pool, *, run_id: int | None = None) -> int:
     """Jobs not yet terminal (of one run, or all), outside paused accounts: zero means drained."""
     value = await pool.fetchval(
-        "SELECT count(*) FROM jobs WHERE state = ANY($1::text[]) AND account <> ALL($2::text[])"
-        " AND ($3::bigint IS NULL OR run_id = $3)",
+        "SELECT count(*) FROM jobs WHERE state = ANY($1::text[])"
+        " AND ($2::bigint IS NULL OR run_id = $2)" + _NOT_PAUSED,
         list(LIVE_STATES),
-        list(paused),
         run_id,
     )
     return int(value or 0)

@@ -23,8 +23,12 @@ SELECT p.name AS policy, p.enabled, j.instance_id, j.state, j.slot, j.reason, j.
        j.last_error_code AS error_code, j.last_error_message AS error_message, j.finished_at,
        g.image_id AS latest_image, g.slot AS latest_image_slot,
        g.created_at AS latest_image_created_at,
-       floor(extract(epoch FROM now() - g.created_at))::bigint AS latest_image_age_seconds
+       floor(extract(epoch FROM now() - g.created_at))::bigint AS latest_image_age_seconds,
+       p.account, ap.paused_at, ap.code AS paused_code, ap.message AS paused_message,
+       ap.request_id AS paused_request_id, ap.probe_at, ap.failed_probes
 FROM policies p
+-- The policy's account is paused (orchestrator.pauses): its jobs wait, and here is why.
+LEFT JOIN account_pauses ap ON ap.account = p.account
 LEFT JOIN LATERAL (
     -- The latest job of each instance: a backward scan of the (policy, instance, slot) key.
     SELECT DISTINCT ON (instance_id) * FROM jobs
@@ -49,7 +53,28 @@ async def fetch_rows(conn: Any) -> list[dict[str, Any]]:
     return [_row(dict(r)) for r in await conn.fetch(_STATUS)]
 
 
+# The pause columns, folded into one `account_paused` object (null when not paused).
+_PAUSE_FIELDS = {
+    "paused_at": "since",
+    "paused_code": "code",
+    "paused_message": "message",
+    "paused_request_id": "request_id",
+    "probe_at": "next_probe_at",
+    "failed_probes": "failed_probes",
+}
+
+
+def _pause_of(row: dict[str, Any]) -> dict[str, Any] | None:
+    fields = {name: row.pop(column) for column, name in _PAUSE_FIELDS.items()}
+    if fields["since"] is None:
+        return None
+    for key in ("since", "next_probe_at"):
+        fields[key] = fields[key].isoformat()
+    return fields
+
+
 def _row(row: dict[str, Any]) -> dict[str, Any]:
+    row["account_paused"] = _pause_of(row)
     for key in _TIMES:
         if row[key] is not None:
             row[key] = row[key].isoformat()
@@ -110,14 +135,41 @@ def _cells(row: Mapping[str, Any]) -> tuple[str, ...]:
     )
 
 
-def render_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    """The human `status` table: one aligned line per policy and instance."""
-    lines = [_HEADER, *(_cells(r) for r in rows)]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(_HEADER))]
+def _aligned(lines: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
     return "\n".join(
         "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
         for line in lines
     )
+
+
+def render_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The human `status` table: one line per policy and instance, then any paused accounts."""
+    table = _aligned([_HEADER, *(_cells(r) for r in rows)])
+    paused = {r["account"]: r["account_paused"] for r in rows if r.get("account_paused")}
+    if not paused:
+        return table
+    entries = [{"account": name, **pause} for name, pause in sorted(paused.items())]
+    return f"{table}\n\n{render_pauses(entries)}"
+
+
+_PAUSE_HEADER = ("PAUSED ACCOUNT", "SINCE", "NEXT PROBE", "FAILED PROBES", "ERROR")
+
+
+def render_pauses(entries: Sequence[Mapping[str, Any]]) -> str:
+    """Paused accounts (`Pause.to_json` fields), one line each, and how to resume them."""
+    lines = [
+        (
+            e["account"],
+            e["since"],
+            e["next_probe_at"],
+            str(e["failed_probes"]),
+            error_text({"error_code": e["code"], "error_message": e["message"]}),
+        )
+        for e in entries
+    ]
+    hint = "jobs of a paused account wait; after fixing it: cvm-backup account resume NAME"
+    return f"{_aligned([_PAUSE_HEADER, *lines])}\n{hint}"
 
 
 @dataclass(frozen=True)

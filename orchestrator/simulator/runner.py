@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 
 from aiohttp import web
@@ -79,6 +79,19 @@ class Simulator:
     def set_create_delay(self, low: float, high: float) -> None:
         """Change how long new images stay CREATING (seconds, uniform in [low, high])."""
         self.state.create_delay = (low, high)
+
+    def set_account_error(
+        self, code: str | None, actions: Iterable[str] = ("CreateImage",)
+    ) -> None:
+        """Make `actions` answer an account-wide error (e.g. InsufficientBalance); None lifts it.
+
+        Applies to every account, DryRuns included, after the signature is checked.
+        """
+        for action in actions:
+            if code is None:
+                self.state.account_errors.pop(action, None)
+            else:
+                self.state.account_errors[action] = code
 
     def set_busy(self, instance_id: str, seconds: float) -> None:
         """Make an instance busy (InstanceOperationInProgress) for a while."""

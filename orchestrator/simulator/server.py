@@ -39,6 +39,12 @@ API_VERSION = "2017-03-12"
 DROPPED = "DROPPED"
 HTTP_5XX = 502
 STATE_KEY = web.AppKey("sim_state", SimState)
+# Messages of the account-wide refusals `Simulator.set_account_error` injects (reference §4).
+ACCOUNT_MESSAGES = {
+    "InvalidAccount.InsufficientBalance": "Insufficient account balance.",
+    "UnauthorizedOperation.PermissionDenied": "The CAM policy does not allow this operation.",
+    "AuthFailure.UnauthorizedOperation": "The request is not authorized.",
+}
 
 
 def _answer(fields: Json, request_id: str) -> web.Response:
@@ -97,6 +103,10 @@ class ApiHandler:
         version = call.request.headers.get("X-TC-Version", "")
         if version != API_VERSION:
             raise ApiError("NoSuchVersion", f"The API version `{version}` does not exist.")
+        refusal = self._state.account_error(call.action)
+        if refusal is not None:
+            # Like Tencent: an account-wide refusal comes after authentication, before any work.
+            raise ApiError(refusal, ACCOUNT_MESSAGES.get(refusal, "The account is not allowed."))
         self._state.windows.admit(call.account, call.action)
         return self._faults.decide(call.action)
 

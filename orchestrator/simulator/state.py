@@ -39,6 +39,8 @@ class SimState:
         self.legacy = config.legacy
         self.quota = dict(config.quota)
         self.deletions: list[Deletion] = []
+        # Account-wide refusals injected by tests (`Simulator.set_account_error`): action -> code.
+        self.account_errors: dict[str, str] = {}
         self.calls: list[Call] = []
         self.duplicates: list[str] = []
         self._wall = wall
@@ -109,6 +111,10 @@ class SimState:
     def set_busy(self, instance_id: str, seconds: float) -> None:
         """Make an instance answer InstanceOperationInProgress for a while (0 ends it)."""
         self.instances[instance_id].busy_until = self.mono() + seconds if seconds else 0.0
+
+    def account_error(self, action: str) -> str | None:
+        """The account-wide error code injected for `action`, if any."""
+        return self.account_errors.get(action)
 
     # -- images -------------------------------------------------------------------------------
 

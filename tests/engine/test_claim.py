@@ -7,9 +7,10 @@ from datetime import UTC, datetime, timedelta
 
 import asyncpg
 
-from orchestrator import jobs, scheduler
+from orchestrator import jobs, pauses, scheduler
 from orchestrator.db import policies as policy_rows
 from orchestrator.scheduler import Targets
+from orchestrator.tencent.errors import TencentError
 from tests.engine.conftest import insert_policy
 
 IDS = tuple(f"ins-claim{i:03d}" for i in range(10))
@@ -84,7 +85,12 @@ async def test_claim_skips_paused_accounts_and_future_retries(pg_pool: asyncpg.P
     await pg_pool.execute(
         "UPDATE jobs SET next_attempt_at = $1 WHERE instance_id = $2", later, IDS[0]
     )
-    assert await jobs.claim(pg_pool, "me", 5, 30, paused=["default"]) == []
+    refused = TencentError("AuthFailure.SignatureFailure", "bad signature", "req-1")
+    await pauses.pause(
+        pg_pool, "default", refused, region="ap-guangzhou", instance_id=IDS[1], first_probe=60
+    )
+    assert await jobs.claim(pg_pool, "me", 5, 30) == []
+    assert await pauses.resume(pg_pool, "default", "operator") is not None
     assert [j.instance_id for j in await jobs.claim(pg_pool, "me", 5, 30)] == [IDS[1]]
     assert await jobs.next_due(pg_pool) is not None
 

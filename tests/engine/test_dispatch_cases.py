@@ -107,6 +107,10 @@ async def test_account_error_fails_the_job_and_pauses_the_account(
     assert len(paused) == 1
     assert paused[0]["level"] == "error"
     assert "wrong-key-x" not in captured_logs.text
+    pause = await pg_pool.fetchrow("SELECT * FROM account_pauses")
+    assert pause is not None
+    assert pause["code"] == "AuthFailure.SignatureFailure"
+    assert "wrong-key-x" not in str(dict(pause))
 
 
 async def test_job_whose_window_closed_is_expired_without_a_call(

@@ -1,0 +1,180 @@
+"""The prober: resumes a paused account by itself once a probe shows it works again.
+
+The replica driving an account (holding its lease, `orchestrator.accounts`) probes each of its
+paused accounts (`orchestrator.pauses`) when the row's `probe_at` comes, with one CreateImage
+DryRun through the account's shared limiter. A DryRun rather than a read call because it is
+checked like the call that failed: a CAM policy may allow Describe* and refuse CreateImage, and
+a balance problem shows on CreateImage, so a read call could answer "fine" and resume an account
+only to fail its next job. No image is made and no quota is used.
+
+The answer decides: success (or any answer that is not account-wide: the account got past
+authentication and authorization) lifts the pause; an account-wide answer pushes the next probe
+out with a bounded backoff; no answer (throttled, a timeout, a 5xx) tries again soon.
+Each round also re-reads the table, so a pause lifted elsewhere (`cvm-backup account resume`,
+another replica) reaches this replica's dispatcher within one round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Collection
+from datetime import UTC, datetime
+
+from orchestrator import logs, pauses
+from orchestrator.context import EngineContext
+from orchestrator.db.resilience import DbWatch
+from orchestrator.pauses import Pause, ProbeTimings
+from orchestrator.tencent.errors import ErrorClass, TencentError
+
+log = logs.get("prober")
+
+# The DryRun's image name: never created, only validated (at most 60 characters).
+PROBE_IMAGE_NAME = "cvmbk-account-probe"
+# Answers that say nothing about the account: try again after `ProbeTimings.retry`.
+_NO_ANSWER = frozenset({ErrorClass.THROTTLED, ErrorClass.TRANSIENT, ErrorClass.BUSY})
+
+OnChange = Callable[[str, bool], None]  # (account, paused)
+
+
+class Prober:
+    """Keeps this replica's view of paused accounts current and probes the due ones."""
+
+    def __init__(
+        self,
+        ctx: EngineContext,
+        *,
+        held: Callable[[], Collection[str]] | None = None,
+        timings: ProbeTimings | None = None,
+        on_change: OnChange | None = None,
+    ) -> None:
+        self.ctx = ctx
+        self.held = held  # the accounts this replica drives; None: every configured one
+        self.timings = timings or ProbeTimings()
+        self.on_change = on_change
+        self.wake = asyncio.Event()
+        self._seen: set[str] = set()
+
+    @property
+    def paused(self) -> frozenset[str]:
+        """The paused accounts of this replica, as of the last round."""
+        return frozenset(self._seen)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Probe due accounts until `stop`; a round every poll interval or when woken."""
+        watch = DbWatch("prober", stop)
+        while not stop.is_set():
+            wait = self.ctx.settings.poll_interval
+            async with watch:
+                wait = min(wait, await self.round())
+            await self._sleep(stop, wait)
+
+    async def round(self) -> float:
+        """Re-read the pauses, probe the due ones; seconds until the next probe is due."""
+        self.wake.clear()
+        accounts = self._accounts()
+        current = await pauses.listed(self.ctx.pool, accounts)
+        self._sync({p.account for p in current}, accounts)
+        due = [p for p in current if p.probe_at <= _now()]
+        for pause in due:
+            await self.probe(pause)
+        if due or not current:
+            # Probed rows moved on: the next round reads when they are due again.
+            return self.ctx.settings.poll_interval
+        return _until(min(p.probe_at for p in current))
+
+    async def probe(self, pause: Pause) -> bool:
+        """One probe of a paused account; True when its pause was lifted."""
+        client = self.ctx.client(pause.account)
+        try:
+            await client.create_image(
+                pause.region, instance_id=pause.instance_id, name=PROBE_IMAGE_NAME, dry_run=True
+            )
+        except TencentError as exc:
+            return await self._answered(pause, exc)
+        return await self._lift(pause, probe_code=None)
+
+    async def _answered(self, pause: Pause, exc: TencentError) -> bool:
+        if exc.error_class is ErrorClass.ACCOUNT:
+            await self._refused(pause, exc)
+            return False
+        if exc.error_class in _NO_ANSWER:
+            await pauses.postpone(self.ctx.pool, pause.account, self.timings.retry)
+            log.info(
+                "account.probe_retry",
+                account=pause.account,
+                code=exc.code,
+                delay=self.timings.retry,
+            )
+            return False
+        # Refused for a reason of the instance or the request: the account itself answers.
+        return await self._lift(pause, probe_code=exc.code)
+
+    async def _refused(self, pause: Pause, exc: TencentError) -> None:
+        again = await pauses.refused(self.ctx.pool, pause.account, exc, self.timings)
+        if again is None:
+            return  # lifted meanwhile (an operator): the next round notices
+        log.warning(
+            "account.probe_failed",
+            account=pause.account,
+            code=exc.code,
+            message=exc.message,
+            request_id=exc.request_id,
+            failed_probes=again.failed_probes,
+            next_probe_at=again.probe_at.isoformat(),
+        )
+
+    async def _lift(self, pause: Pause, *, probe_code: str | None) -> bool:
+        lifted = await pauses.resume(self.ctx.pool, pause.account, "probe")
+        if lifted is None:
+            return False
+        log.info(
+            "account.resumed",
+            account=pause.account,
+            by="probe",
+            probe_code=probe_code,
+            paused_code=lifted.code,
+            failed_probes=lifted.failed_probes,
+        )
+        self._forget(pause.account)
+        return True
+
+    def _sync(self, current: set[str], accounts: Collection[str]) -> None:
+        # Only an account one round saw paused and the next one not is reported lifted: a pause
+        # the dispatcher adds while a round reads the table is never mistaken for a lift.
+        for account in sorted(self._seen - current):
+            if account in accounts:  # else only its lease went: nothing was lifted
+                log.info("account.resumed", account=account, by="elsewhere")
+            self._forget(account)
+        for account in sorted(current - self._seen):
+            self._seen.add(account)
+            self._notify(account, paused=True)
+
+    def _forget(self, account: str) -> None:
+        self._seen.discard(account)
+        self._notify(account, paused=False)
+
+    def _notify(self, account: str, *, paused: bool) -> None:
+        if self.on_change is not None:
+            self.on_change(account, paused)
+
+    def _accounts(self) -> Collection[str]:
+        return self.ctx.clients.keys() if self.held is None else self.held()
+
+    async def _sleep(self, stop: asyncio.Event, seconds: float) -> None:
+        waiters = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self.wake.wait())}
+        try:
+            await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.gather(*waiters, return_exceptions=True)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _until(when: datetime) -> float:
+    return max((when - _now()).total_seconds(), 0.0)
