@@ -332,15 +332,27 @@ class Engine:
         return EXIT_JOBS_FAILED if int(bad or 0) or stuck else EXIT_OK
 
 
+async def leased_engine(
+    ctx: EngineContext, signals: Signals, *, once: bool = False, run_id: int | None = None
+) -> Engine:
+    """An engine that drives only the accounts whose lease it holds (or takes over later).
+
+    Every process that calls the API goes through this, `backup-now --wait` included: with a
+    daemon holding an account, the daemon makes the calls and this process only waits.
+    """
+    engine = Engine(ctx, signals, once=once, run_id=run_id)
+    engine.leases = await account_leases(ctx, engine.lease_changed)
+    engine.dispatcher.held = engine.leases.held
+    return engine
+
+
 async def run(settings: Settings, *, once: bool = False, run_id: int | None = None) -> int:
     """Run the daemon (or drain once) with real signals; returns the exit code."""
     signals = Signals()
     signals.install()
     try:
         async with open_pool(settings) as pool, engine_context(settings, pool) as ctx:
-            engine = Engine(ctx, signals, once=once, run_id=run_id)
-            engine.leases = await account_leases(ctx, engine.lease_changed)
-            engine.dispatcher.held = engine.leases.held
+            engine = await leased_engine(ctx, signals, once=once, run_id=run_id)
             return await engine.run()
     finally:
         signals.uninstall()

@@ -71,7 +71,7 @@ async def _backup_now(settings: config.Settings, policy: str, *, wait: bool) -> 
             )
             if not wait:
                 return 0
-            engine = daemon.Engine(ctx, signals, once=True, run_id=scheduled.run_id)
+            engine = await daemon.leased_engine(ctx, signals, once=True, run_id=scheduled.run_id)
             return await _drive(engine, pool, scheduled.run_id, signals.stop)
     finally:
         signals.uninstall()

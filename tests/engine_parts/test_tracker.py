@@ -8,11 +8,12 @@ from datetime import timedelta
 
 from structlog.testing import capture_logs
 
-from orchestrator import rotation, tracker
+from orchestrator import pauses, rotation, tracker
 from orchestrator.config import Settings
 from orchestrator.context import EngineContext
 from orchestrator.simulator.config import Faults
 from orchestrator.simulator.runner import Simulator
+from orchestrator.tencent.errors import TencentError
 from tests.engine_parts.conftest import SimClock
 from tests.engine_parts.helpers import (
     ACCOUNT,
@@ -289,3 +290,22 @@ async def test_failed_image_delete_is_finished_by_rotation(
     result = await rotation.rotate_for_quota(engine, ACCOUNT, REGION)
     assert result.deleted == (image,)
     assert not alive(simulator, image)
+
+
+async def test_images_of_a_paused_account_are_left_alone(
+    engine: EngineContext, simulator: Simulator
+) -> None:
+    """While its account is paused the tracker makes no call for it; after resume it does."""
+    policy = await add_policy(engine.pool)
+    image = await make_image(engine, A)
+    await record_image(engine.pool, image, policy, A, NOW, state="CREATING")
+    refused = TencentError("AuthFailure.SecretIdNotFound", "gone")
+    async with engine.pool.acquire() as conn:
+        await pauses.pause(conn, ACCOUNT, refused, region=REGION, instance_id=A, first_probe=60)
+    calls = simulator.state.count_calls("DescribeImages")
+    assert await tracker.poll_once(engine) == 0
+    assert simulator.state.count_calls("DescribeImages") == calls
+    async with engine.pool.acquire() as conn:
+        await pauses.resume(conn, ACCOUNT, "operator")
+    await tracker.poll_once(engine)
+    assert simulator.state.count_calls("DescribeImages") == calls + 1

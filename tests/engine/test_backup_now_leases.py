@@ -1,0 +1,116 @@
+"""`backup-now --wait` beside a running daemon: the lease holder makes every call, once."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import replace
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from orchestrator.accounts import LOCK_NAMESPACE, lock_key
+from orchestrator.simulator.config import SimConfig
+from orchestrator.simulator.fleet import generate_fleet
+from orchestrator.simulator.runner import Simulator
+from tests.engine.conftest import (
+    DaemonProcess,
+    assert_sim_clean,
+    config_toml,
+    daemon_env,
+    fast_settings,
+    insert_policy,
+    wait_for,
+)
+from tests.fixtures.sim import TEST_REGION, make_sim_config
+
+FLEET = generate_fleet(8, regions=(TEST_REGION,), seed=17)
+
+
+@pytest.fixture
+def sim_config() -> SimConfig:
+    """Eight instances, quick builds."""
+    return replace(make_sim_config(), instances=FLEET, create_delay=(0.1, 0.3), seed=17)
+
+
+def _process(pg_dsn: str, simulator: Simulator, tmp_path: Path, name: str) -> DaemonProcess:
+    # poll_interval is long on purpose: the daemon must learn of the new run by NOTIFY.
+    settings = fast_settings(pg_dsn, simulator.url, poll_interval=30.0, shutdown_grace=3.0)
+    config = config_toml(settings, tmp_path / f"{name}.toml")
+    env = daemon_env(pg_dsn, simulator.url, config, tmp_path)
+    return DaemonProcess(env, tmp_path / f"{name}.log")
+
+
+def _count(process: DaemonProcess, event: str) -> int:
+    return sum(1 for e in process.events() if e["event"] == event)
+
+
+async def test_backup_now_wait_leaves_the_calls_to_the_daemon_holding_the_lease(
+    pg_dsn: str, pg_pool: asyncpg.Pool, simulator: Simulator, tmp_path: Path
+) -> None:
+    """With a daemon holding the account, --wait only waits: the daemon drives the run."""
+    # Not due on its own schedule (1 January, a one-minute window): only backup-now runs it.
+    await insert_policy(
+        pg_pool,
+        "manual",
+        instance_tags={"backup": "daily"},
+        schedule="0 0 1 1 *",
+        window="1 minute",
+    )
+    daemon = _process(pg_dsn, simulator, tmp_path, "daemon")
+    await daemon.start("run")
+    try:
+
+        async def leased() -> bool:
+            return _count(daemon, "account.lease_acquired") > 0
+
+        await wait_for(leased, within=30)
+        cli = _process(pg_dsn, simulator, tmp_path, "cli")
+        await cli.start("backup-now", "manual", "--wait")
+        # Well inside the daemon's 30 s poll: the new run's NOTIFY is what wakes it.
+        assert await cli.wait(within=20) == 0, cli.stderr()
+        assert _count(cli, "job.dispatched") == 0
+        assert _count(daemon, "job.dispatched") == len(FLEET)
+    finally:
+        await daemon.kill()
+    states = await pg_pool.fetch("SELECT state, count(*) AS n FROM jobs GROUP BY state")
+    assert {r["state"]: r["n"] for r in states} == {"succeeded": len(FLEET)}
+    assert_sim_clean(simulator)
+
+
+async def test_backup_now_wait_calls_nothing_until_it_holds_the_account(
+    pg_dsn: str, pg_pool: asyncpg.Pool, simulator: Simulator, tmp_path: Path
+) -> None:
+    """While another process holds the account's lease --wait makes no call; then takes over."""
+    await insert_policy(
+        pg_pool,
+        "manual",
+        instance_tags={"backup": "daily"},
+        schedule="0 0 1 1 *",
+        window="1 minute",
+    )
+    holder = await asyncpg.connect(pg_dsn)
+    try:
+        taken = await holder.fetchval(
+            "SELECT pg_try_advisory_lock($1, hashtext($2))", LOCK_NAMESPACE, lock_key("default")
+        )
+        assert taken
+        cli = _process(pg_dsn, simulator, tmp_path, "cli")
+        await cli.start("backup-now", "manual", "--wait")
+
+        async def started() -> bool:
+            return _count(cli, "daemon.started") > 0
+
+        await wait_for(started, within=30)
+        # Unleased, the engine would claim and call within milliseconds of starting.
+        with pytest.raises(TimeoutError):
+            await wait_for(functools.partial(_calls, simulator), within=1.0)
+    finally:
+        await holder.close()  # the lease frees with the session
+    assert await cli.wait(within=60) == 0, cli.stderr()
+    assert _count(cli, "job.dispatched") == len(FLEET)
+    assert_sim_clean(simulator)
+
+
+async def _calls(simulator: Simulator) -> bool:
+    return simulator.state.count_calls("CreateImage") > 0
