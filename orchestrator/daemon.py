@@ -153,7 +153,7 @@ class Engine:
         self.prober = Prober(
             ctx, held=self._driven, timings=probe, on_change=self.dispatcher.pause_changed
         )
-        self.scheduler = Scheduler(ctx, on_created=self.dispatcher.wake)
+        self.scheduler = Scheduler(ctx, on_created=self.dispatcher.wake, driven=self._driven)
         self._beat_stop = asyncio.Event()
         self._failed: list[str] = []
 
@@ -211,6 +211,7 @@ class Engine:
                 # The previous holder may have just used the whole second (DESIGN §2.2).
                 limiter.forget(account)
             self.dispatcher.wake.set()
+            self.scheduler.leases_changed()
 
     def _loops(self, stop: asyncio.Event) -> list[asyncio.Task[None]]:
         from orchestrator import tracker

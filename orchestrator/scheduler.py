@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -301,15 +301,32 @@ def _log_created(scheduled: Scheduled, policy: Policy, targets: Targets, trigger
         )
 
 
-async def schedule_pass(ctx: EngineContext, now: datetime | None = None) -> list[Scheduled]:
+# The accounts this process drives (their lease held); None: every configured account.
+Driven = Callable[[], Collection[str]] | None
+
+
+async def schedule_pass(
+    ctx: EngineContext, now: datetime | None = None, driven: Driven = None
+) -> list[Scheduled]:
     """One pass over every enabled policy; the runs it created. A bad policy never stops others."""
     now = now or datetime.now(UTC)
     created = []
-    for policy in await load_policies(ctx.pool):
+    for policy in _ours(ctx, await load_policies(ctx.pool), driven):
         result = await _schedule_one(ctx, policy, now)
         if result is not None and result.created:
             created.append(result)
     return created
+
+
+def _ours(ctx: EngineContext, found: Sequence[Policy], driven: Driven) -> list[Policy]:
+    """Policies whose targets this process may resolve: only the lease holder calls the API.
+
+    An account that is not configured at all stays in, so its policies keep reporting that.
+    """
+    if driven is None:
+        return list(found)
+    held = driven()
+    return [p for p in found if p.account in held or p.account not in ctx.clients]
 
 
 async def _schedule_one(ctx: EngineContext, policy: Policy, now: datetime) -> Scheduled | None:
@@ -368,14 +385,21 @@ def next_wakeup(found: Iterable[Policy], now: datetime, cap: float) -> float:
 class Scheduler:
     """The scheduling loop: a pass per slot, per NOTIFY, and per poll interval."""
 
-    def __init__(self, ctx: EngineContext, on_created: asyncio.Event | None = None) -> None:
+    def __init__(
+        self, ctx: EngineContext, on_created: asyncio.Event | None = None, driven: Driven = None
+    ) -> None:
         self.ctx = ctx
         self.on_created = on_created  # set after a pass that created runs (wakes the dispatcher)
+        self.driven = driven
         self._changed = asyncio.Event()
         self.passes = 0  # completed scheduling passes (observability and tests)
         self._db = DbWatch("scheduler")
 
     def _notified(self, *_: object) -> None:
+        self._changed.set()
+
+    def leases_changed(self) -> None:
+        """An account lease was gained: pass again now (its slot may be due and unscheduled)."""
         self._changed.set()
 
     def _jobs_created(self, *_: object) -> None:
@@ -405,13 +429,13 @@ class Scheduler:
             await conn.fetchval("SELECT 1")
             self._db.ok()
             found = await load_policies(self.ctx.pool)
-            await learn_counts(self.ctx, found, datetime.now(UTC))
+            await learn_counts(self.ctx, _ours(self.ctx, found, self.driven), datetime.now(UTC))
             now = datetime.now(UTC)
             await self._wait(stop, seconds=next_wakeup(found, now, self.ctx.settings.poll_interval))
 
     async def pass_once(self, now: datetime | None = None) -> list[Scheduled]:
         """One scheduling pass; wakes the dispatcher when it created runs."""
-        created = await schedule_pass(self.ctx, now)
+        created = await schedule_pass(self.ctx, now, self.driven)
         self.passes += 1
         if created and self.on_created is not None:
             self.on_created.set()

@@ -169,3 +169,18 @@ async def test_count_is_learned_once_shortly_before_a_slot(
         await scheduler.learn_counts(engine_ctx, found, top - timedelta(seconds=30))
     assert scheduler._known_counts == {("default", TEST_REGION, tuple(BACKUP_DAILY)): FLEET}
     assert _describe_calls(engine_ctx) == 1
+
+
+async def test_only_the_lease_holder_resolves_targets(
+    engine_ctx: EngineContext, pg_pool: asyncpg.Pool, simulator: Simulator
+) -> None:
+    """A pass that does not drive the account makes no call and no run; the holder's does."""
+    await insert_policy(
+        pg_pool, "leased", instance_tags={"role": "db"}, schedule="0 * * * *", window="2 hours"
+    )
+    now = datetime.now(UTC)
+    assert await scheduler.schedule_pass(engine_ctx, now, driven=frozenset) == []
+    assert simulator.state.count_calls("DescribeInstances") == 0
+    assert await _runs(pg_pool) == []
+    held = await scheduler.schedule_pass(engine_ctx, now, driven=lambda: {"default"})
+    assert [s.created for s in held] == [True]
