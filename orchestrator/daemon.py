@@ -43,6 +43,8 @@ EXIT_TASK_DIED = 1  # a background task died: non-zero, with daemon.task_failed 
 EXIT_FORCED = 128 + signal.SIGTERM
 # How often --once checks whether everything is drained, and completed runs are swept.
 _SWEEP_INTERVAL = 0.2
+# How often unclaimed jobs past their window are expired (a scan of the live jobs).
+_EXPIRE_INTERVAL = 5.0
 
 
 def worker_id() -> str:
@@ -291,8 +293,13 @@ class Engine:
     async def _sweep(self, stop: asyncio.Event) -> None:
         """Complete finished runs; with --once, stop when no live job is left."""
         watch = DbWatch("sweeper", stop)
+        loop = asyncio.get_running_loop()
+        expire_at = loop.time()
         while not stop.is_set():
             async with watch:
+                if loop.time() >= expire_at:
+                    await self._expire_overdue()
+                    expire_at = loop.time() + _EXPIRE_INTERVAL
                 await self._complete_runs()
                 if self.once and await self._drained():
                     stop.set()
@@ -305,6 +312,17 @@ class Engine:
             return False
         # A paused account's jobs wait for a probe or an operator, not for this drain.
         return await jobs.live_count(self.ctx.pool, run_id=self.run_id) == 0
+
+    async def _expire_overdue(self) -> None:
+        for row in await jobs.expire_overdue(self.ctx.pool):
+            log.warning(
+                "job.expired",
+                job=row["id"],
+                account=row["account"],
+                instance=row["instance_id"],
+                reason="window_closed",
+                unclaimed=True,
+            )
 
     async def _complete_runs(self) -> None:
         for row in await jobs.complete_runs(self.ctx.pool):

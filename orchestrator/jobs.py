@@ -300,6 +300,31 @@ async def live_count(pool: asyncpg.Pool, *, run_id: int | None = None) -> int:
     return int(value or 0)
 
 
+# Jobs whose window closed while nobody could claim them (their account paused, or driven by no
+# replica): they made no call, so they expire here without the API. A job that may have called
+# ('creating') is left to its next owner, who resolves its name first.
+_EXPIRE_OVERDUE = """
+WITH x AS (
+    UPDATE jobs SET state = 'expired', reason = 'window_closed', finished_at = now(),
+                    updated_at = now()
+    WHERE state = 'pending' AND lease_owner IS NULL AND deadline <= now()
+    RETURNING id, run_id, policy_id, account, region, instance_id
+), e AS (
+    INSERT INTO events (kind, policy_id, run_id, job_id, account, region, instance_id, reason,
+                        details)
+    SELECT 'job.expired', policy_id, run_id, id, account, region, instance_id, 'window_closed',
+           '{"outcome": "expired", "by": "sweeper"}'::jsonb
+    FROM x
+)
+SELECT id, account, instance_id FROM x
+"""
+
+
+async def expire_overdue(pool: asyncpg.Pool) -> list[asyncpg.Record]:
+    """Expire unclaimed jobs past their deadline (a ledger row each); the jobs expired."""
+    return await pool.fetch(_EXPIRE_OVERDUE)
+
+
 async def complete_runs(pool: asyncpg.Pool) -> list[asyncpg.Record]:
     """Mark runs whose every job is terminal as completed; the runs just completed, with tallies."""
     return await pool.fetch(

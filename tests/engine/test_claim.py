@@ -113,3 +113,24 @@ async def test_record_images_applies_only_jobs_still_leased(pg_pool: asyncpg.Poo
         "SELECT details FROM events WHERE kind = 'job.attempt' AND job_id = $1", lost.id
     )
     assert ledger == {"outcome": "x"}
+
+
+async def test_unclaimed_jobs_past_their_window_expire_without_an_owner(
+    pg_pool: asyncpg.Pool,
+) -> None:
+    """Pending jobs past the deadline expire with a ledger row; leased or 'creating' ones wait."""
+    await _seed(pg_pool, 3)
+    leased, maybe_called = await jobs.claim(pg_pool, "me", 2, 30)
+    await jobs.mark_creating(pg_pool, "me", [maybe_called.id])
+    await jobs.release(pg_pool, "me", [maybe_called.id])
+    await pg_pool.execute("UPDATE jobs SET deadline = now() - interval '1 second'")
+    expired = [row["id"] for row in await jobs.expire_overdue(pg_pool)]
+    rows = await pg_pool.fetch("SELECT id, state FROM jobs ORDER BY id")
+    states = {r["id"]: r["state"] for r in rows}
+    assert states.pop(leased.id) == "claimed"
+    assert states.pop(maybe_called.id) == "creating"
+    assert list(states.values()) == ["expired"]
+    assert expired == list(states)
+    kinds = await pg_pool.fetch("SELECT kind, reason FROM events WHERE job_id = $1", expired[0])
+    assert [(k["kind"], k["reason"]) for k in kinds] == [("job.expired", "window_closed")]
+    assert await jobs.expire_overdue(pg_pool) == []
