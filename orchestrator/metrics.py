@@ -80,6 +80,8 @@ GROUP BY p.name
 
 _REGIONS = "SELECT DISTINCT account, region FROM policies WHERE enabled ORDER BY 1, 2"
 
+_PAUSED = "SELECT account, extract(epoch FROM paused_at) AS at FROM account_pauses"
+
 
 @dataclass(frozen=True, slots=True)
 class DatabaseSnapshot:
@@ -90,6 +92,7 @@ class DatabaseSnapshot:
     jobs: Mapping[tuple[str, str], int] = field(default_factory=dict)
     images: Mapping[tuple[str, str, str], int] = field(default_factory=dict)
     last_success: Mapping[str, tuple[float, float]] = field(default_factory=dict)
+    paused: Mapping[str, float] = field(default_factory=dict)  # account -> paused since
 
 
 def _job_counts(rows: Iterable[Any]) -> dict[tuple[str, str], int]:
@@ -109,11 +112,13 @@ async def read_database(pool: asyncpg.Pool) -> DatabaseSnapshot:
         job_rows = await conn.fetch(_JOBS)
         image_rows = await conn.fetch(_IMAGES)
         success_rows = await conn.fetch(_LAST_SUCCESS)
+        paused_rows = await conn.fetch(_PAUSED)
     return DatabaseSnapshot(
         up=True,
         jobs=_job_counts(job_rows),
         images={(r["account"], r["region"], r["state"]): int(r["n"]) for r in image_rows},
         last_success={r["policy"]: (float(r["at"]), float(r["age"])) for r in success_rows},
+        paused={r["account"]: float(r["at"]) for r in paused_rows},
     )
 
 
@@ -158,6 +163,12 @@ class _DatabaseCollector(Collector):
             "Seconds since the policy's newest successful job finished.",
             ["policy"],
             ages,
+        )
+        yield _gauge(
+            "account_paused_since_timestamp_seconds",
+            "When an account-wide error paused the account (Unix time); absent when not paused.",
+            ["account"],
+            snap.paused,
         )
 
     def describe(self) -> Iterable[Metric]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from datetime import UTC, datetime
 
 import aiohttp
@@ -12,6 +13,7 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
+from orchestrator import pauses
 from orchestrator.config import Settings
 from orchestrator.context import EngineContext
 from orchestrator.daemon import Engine, Signals
@@ -152,3 +154,22 @@ def test_registry_is_private() -> None:
     assert b'code="ok"' in first.render()
     assert b"CreateImage" not in second.render()
     assert not [m for m in REGISTRY.collect() if m.name.startswith("cvm_backup_")]
+
+
+async def test_a_paused_account_shows_since_when(
+    ctx: EngineContext, settings: Settings, http: aiohttp.ClientSession
+) -> None:
+    """A paused account has a paused-since gauge; a resumed one has none."""
+    refused = TencentError("AuthFailure.SecretIdNotFound", "no such key")
+    async with ctx.pool.acquire() as conn:
+        await pauses.pause(
+            conn, "default", refused, region=TEST_REGION, instance_id="ins-abc12345", first_probe=60
+        )
+    name = "cvm_backup_account_paused_since_timestamp_seconds"
+    async with serve_health(ctx, settings, metrics=Metrics(), quota_interval=3600) as url:
+        since = value(await scrape(http, url), name, account="default")
+        assert since is not None
+        assert abs(since - time.time()) < 600
+        async with ctx.pool.acquire() as conn:
+            await pauses.resume(conn, "default", "operator")
+        assert value(await scrape(http, url), name, account="default") is None
