@@ -16,6 +16,9 @@ from typing import Any
 import asyncpg
 
 LIVE_STATES = ("pending", "claimed", "creating", "waiting_image")
+# NOTIFY channel: jobs became due now (a run was created, parked jobs were woken). Dispatchers
+# listening look for work at once instead of at their next poll; only lease holders claim.
+JOBS_DUE_CHANNEL = "cvm_backup_jobs_due"
 TERMINAL_STATES = ("succeeded", "failed", "expired", "skipped")
 
 # One statement claims due jobs and reclaims jobs whose lease expired (their owner died), so no
@@ -78,6 +81,11 @@ class Job:
     include_data_disks: bool
     on_quota: str
     gated: bool = False  # the region's quota gate was closed when the job was claimed
+
+
+async def notify_due(conn: Any) -> None:
+    """Tell every listening dispatcher that jobs are due (delivered when the caller commits)."""
+    await conn.execute("SELECT pg_notify($1, '')", JOBS_DUE_CHANNEL)
 
 
 async def claim(

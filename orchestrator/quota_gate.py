@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from orchestrator import logs
+from orchestrator import jobs, logs
 from orchestrator.context import EngineContext
 from orchestrator.jobs import Job
 from orchestrator.tencent.errors import TencentError
@@ -224,14 +224,14 @@ async def open_room(
             )
         else:
             await conn.execute(_TOKENS, account, region, room - taken)
-        woken = await conn.execute(_WAKE, account, region, max(room - taken, 0))
+        woken = await _wake(conn, account, region, max(room - taken, 0))
     log.info(
         "quota.gate_opened",
         account=account,
         region=region,
         room=room,
         waiting=waiting_jobs,
-        woken=int(woken.split()[-1]),
+        woken=woken,
     )
 
 
@@ -246,6 +246,14 @@ async def nudge(conn: Conn, account: str, region: str) -> bool:
     """One of our images in the region settled or was deleted: room may exist; wake one probe."""
     if await conn.fetchval(_NUDGE, account, region) is None:
         return False
-    await conn.execute(_WAKE, account, region, 1)
+    await _wake(conn, account, region, 1)
     log.debug("quota.gate_nudged", account=account, region=region)
     return True
+
+
+async def _wake(conn: Conn, account: str, region: str, limit: int) -> int:
+    """Make up to `limit` parked jobs due now and tell the dispatchers; how many woke."""
+    woken = int((await conn.execute(_WAKE, account, region, limit)).split()[-1])
+    if woken:
+        await jobs.notify_due(conn)
+    return woken

@@ -22,7 +22,7 @@ from typing import Any
 
 import asyncpg
 
-from orchestrator import backoff, logs, naming, policies
+from orchestrator import backoff, jobs, logs, naming, policies
 from orchestrator.context import EngineContext
 from orchestrator.db import policies as policy_rows
 from orchestrator.db.resilience import DbWatch
@@ -33,9 +33,6 @@ from orchestrator.tencent.errors import ErrorClass, TencentError
 from orchestrator.tencent.models import Filter, InstancePage
 
 CHANNEL = "cvm_backup_policy_changed"
-# A run was created (by any process, `backup-now` included): dispatchers look for work at once
-# instead of at their next poll.
-JOBS_CHANNEL = "cvm_backup_jobs_created"
 # How far past a slot the loop wakes: enough for timer rounding (epoll counts whole ms), and a
 # wake-up that still comes early just sleeps the rest. Every ms of it delays the first call.
 _SLOT_PAD = 0.005
@@ -217,8 +214,7 @@ async def create_run(
             )
             return Scheduled(int(existing), policy.name, slot, created=False)
         await _insert_jobs(conn, run_id, policy, slot, targets)
-        # Delivered at commit, to every listening replica; only a lease holder claims.
-        await conn.execute("SELECT pg_notify($1, $2)", JOBS_CHANNEL, str(run_id))
+        await jobs.notify_due(conn)
         await conn.execute(
             "INSERT INTO events (kind, policy_id, run_id, reason, details)"
             " VALUES ('run.created', $1, $2, $3, $4)",
@@ -402,7 +398,7 @@ class Scheduler:
         """An account lease was gained: pass again now (its slot may be due and unscheduled)."""
         self._changed.set()
 
-    def _jobs_created(self, *_: object) -> None:
+    def _jobs_due(self, *_: object) -> None:
         if self.on_created is not None:
             self.on_created.set()
 
@@ -413,13 +409,13 @@ class Scheduler:
             # The database away (a restart): back off, then listen on a fresh connection.
             async with self._db, self.ctx.pool.acquire() as conn:
                 await conn.add_listener(CHANNEL, self._notified)
-                await conn.add_listener(JOBS_CHANNEL, self._jobs_created)
+                await conn.add_listener(jobs.JOBS_DUE_CHANNEL, self._jobs_due)
                 try:
                     await self._loop(conn, stop)
                 finally:
                     with contextlib.suppress(Exception):
                         await conn.remove_listener(CHANNEL, self._notified)
-                        await conn.remove_listener(JOBS_CHANNEL, self._jobs_created)
+                        await conn.remove_listener(jobs.JOBS_DUE_CHANNEL, self._jobs_due)
 
     async def _loop(self, conn: Any, stop: asyncio.Event) -> None:
         while not stop.is_set():
