@@ -41,6 +41,13 @@ def _process(pg_dsn: str, simulator: Simulator, tmp_path: Path, name: str) -> Da
     return DaemonProcess(env, tmp_path / f"{name}.log")
 
 
+async def _manual_policy(pool: asyncpg.Pool) -> None:
+    # Not due on its own schedule (1 January, a one-minute window): only backup-now runs it.
+    await insert_policy(
+        pool, "manual", instance_tags={"backup": "daily"}, schedule="0 0 1 1 *", window="1 minute"
+    )
+
+
 def _count(process: DaemonProcess, event: str) -> int:
     return sum(1 for e in process.events() if e["event"] == event)
 
@@ -49,14 +56,7 @@ async def test_backup_now_wait_leaves_the_calls_to_the_daemon_holding_the_lease(
     pg_dsn: str, pg_pool: asyncpg.Pool, simulator: Simulator, tmp_path: Path
 ) -> None:
     """With a daemon holding the account, --wait only waits: the daemon drives the run."""
-    # Not due on its own schedule (1 January, a one-minute window): only backup-now runs it.
-    await insert_policy(
-        pg_pool,
-        "manual",
-        instance_tags={"backup": "daily"},
-        schedule="0 0 1 1 *",
-        window="1 minute",
-    )
+    await _manual_policy(pg_pool)
     daemon = _process(pg_dsn, simulator, tmp_path, "daemon")
     await daemon.start("run")
     try:
@@ -82,13 +82,7 @@ async def test_backup_now_wait_calls_nothing_until_it_holds_the_account(
     pg_dsn: str, pg_pool: asyncpg.Pool, simulator: Simulator, tmp_path: Path
 ) -> None:
     """While another process holds the account's lease --wait makes no call; then takes over."""
-    await insert_policy(
-        pg_pool,
-        "manual",
-        instance_tags={"backup": "daily"},
-        schedule="0 0 1 1 *",
-        window="1 minute",
-    )
+    await _manual_policy(pg_pool)
     holder = await asyncpg.connect(pg_dsn)
     try:
         taken = await holder.fetchval(
