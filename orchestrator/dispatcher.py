@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import Callable, Collection, Sequence
 from datetime import UTC, datetime, timedelta
 
@@ -22,6 +23,7 @@ from orchestrator.db.batch import GroupWriter
 from orchestrator.db.resilience import DbWatch, is_connection_error
 from orchestrator.jobs import ImageRecord, Job
 from orchestrator.pauses import ProbeTimings
+from orchestrator.tencent.client import CallWithheld
 from orchestrator.tencent.errors import ErrorClass, TencentError
 from orchestrator.tencent.models import CreateImageResult, Image
 
@@ -69,6 +71,8 @@ class Dispatcher:
         self._idle_until: datetime | None = None
         self._in_flight: dict[int, asyncio.Task[None]] = {}
         self._slots = asyncio.Semaphore(ctx.settings.max_in_flight)
+        # (account, region) -> until when this process knows its image quota to be full.
+        self._full: dict[tuple[str, str], datetime] = {}
         self._refill = max(1, ctx.settings.max_in_flight // REFILL_FRACTION)
         # The two writes every job makes around its call go out grouped across jobs.
         self._marks = GroupWriter(self._write_marks, key=int)
@@ -286,6 +290,9 @@ class Dispatcher:
     async def _create(self, job: Job) -> None:
         if job.gated and await self._quota_gated(job):
             return
+        # A job the gate let through (a token, the probe) goes; the others are asked again at
+        # the limiter's grant, after seconds in its queue in which the region may have filled.
+        guard = None if job.gated else functools.partial(self._room_may_exist, job)
         client = self.ctx.client(job.account)
         try:
             disks = await self._data_disks(job)
@@ -308,7 +315,11 @@ class Dispatcher:
                 sysprep=job.sysprep,
                 data_disk_ids=disks,
                 tags=naming.ours_tags(job.policy_name, job.instance_id, job.slot),
+                guard=guard,
             )
+        except CallWithheld:
+            await self._withheld(job)
+            return
         except TencentError as exc:
             # Only a transient failure leaves the outcome unknown; any other answer is a refusal.
             transient = exc.error_class is ErrorClass.TRANSIENT
@@ -339,6 +350,8 @@ class Dispatcher:
         return await jobs.record_images(self.ctx.pool, self.ctx.worker_id, records)
 
     async def _on_created(self, job: Job, result: CreateImageResult) -> None:
+        # An image was made: the region had room after all (freed meanwhile, or a token).
+        self._full.pop((job.account, job.region), None)
         if result.image_id is not None:
             await self._record_image(job, result.image_id, "CREATING", result.request_id, "created")
             return
@@ -432,7 +445,9 @@ class Dispatcher:
         from orchestrator import quota_gate
 
         room = await quota_gate.make_room(self.ctx, job.account, job.region)
+        key = (job.account, job.region)
         if room.freed > 0:
+            self._full.pop(key, None)
             await self._retry(job, _now(), "pending", count=False, error=exc, outcome="rotated")
         elif room.exhausted and await self._exhaustion_confirmed(job):
             await self._finish(job, "failed", reason="quota_exhausted", error=exc, count=True)
@@ -443,7 +458,23 @@ class Dispatcher:
             # Our images still being built will make older ones evictable: wait behind the
             # region's closed gate (a settled image or the gate's backoff reopens it).
             when = min(room.reopen_at or _now(), job.deadline)
+            self._full[key] = when
             await self._retry(job, when, "pending", count=True, error=exc, outcome="quota_wait")
+
+    def _room_may_exist(self, job: Job) -> bool:
+        """False while this process knows the job's region to be full (its gate's backoff)."""
+        key = (job.account, job.region)
+        until = self._full.get(key)
+        if until is not None and _now() >= until:
+            del self._full[key]
+            until = None
+        return until is None
+
+    async def _withheld(self, job: Job) -> None:
+        # The region filled while the job queued at the limiter: park it behind the gate, as
+        # if it had been claimed after the gate closed. No call was made: not an attempt.
+        when = min(self._full.get((job.account, job.region), _now()), job.deadline)
+        await self._retry(job, when, "pending", count=False, error=None, outcome="quota_gated")
 
     async def _quota_gated(self, job: Job) -> bool:
         """Park the job, durably, while its region's quota is known full; True when parked."""

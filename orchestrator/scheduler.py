@@ -410,6 +410,8 @@ class Scheduler:
             async with self._db, self.ctx.pool.acquire() as conn:
                 await conn.add_listener(CHANNEL, self._notified)
                 await conn.add_listener(jobs.JOBS_DUE_CHANNEL, self._jobs_due)
+                # A NOTIFY sent before we listened is lost: look for due jobs once now instead.
+                self._jobs_due()
                 try:
                     await self._loop(conn, stop)
                 finally:

@@ -48,6 +48,13 @@ log = logs.get("tencent.client")
 # Metrics count API calls through this without the client knowing about Prometheus.
 CallObserver = Callable[[str, str, str, str], None]
 OK_CODE = "ok"
+# Asked after the limiter's grant, just before sending: False withholds the call. Calls wait
+# at the limiter for seconds; what the caller learned meanwhile (a full quota) can still count.
+Guard = Callable[[], bool]
+
+
+class CallWithheld(Exception):
+    """The caller's guard said no after the limiter's grant: nothing was sent."""
 
 
 class RateLimit(Protocol):
@@ -191,14 +198,19 @@ class CvmClient:
 
     # -- the raw call and its retry layer ---------------------------------------------------
 
-    async def call(self, action: str, region: str, params: Mapping[str, Any]) -> Json:
-        """Call `action` in `region`; the answer's `Response` object, or a TencentError."""
+    async def call(
+        self, action: str, region: str, params: Mapping[str, Any], *, guard: Guard | None = None
+    ) -> Json:
+        """Call `action` in `region`; the answer's `Response` object, or a TencentError.
+
+        With a `guard`, CallWithheld when it says no at the moment of sending.
+        """
         payload = transport.encode(params)
         tally = _Tally()
         while True:
             started = time.monotonic()
             try:
-                response = await self._attempt(action, region, payload)
+                response = await self._attempt(action, region, payload, guard)
             except TencentError as exc:
                 attempt = tally.attempt
                 delay = self._retry_delay(action, exc, tally)
@@ -218,11 +230,15 @@ class CvmClient:
             )
             return response
 
-    async def _attempt(self, action: str, region: str, payload: bytes) -> Json:
+    async def _attempt(
+        self, action: str, region: str, payload: bytes, guard: Guard | None = None
+    ) -> Json:
         if self._session is None:
             raise RuntimeError("CvmClient is not open: use `async with CvmClient(...)`")
         if self._limiter is not None:
             await self._limiter.acquire(self.account, action)
+        if guard is not None and not guard():
+            raise CallWithheld(action)
         creds = await self._credentials.get()
         endpoint = resolve(self._endpoint, region)
         headers = build_headers(
@@ -296,8 +312,12 @@ class CvmClient:
         data_disk_ids: Sequence[str] = (),
         tags: Mapping[str, str] | None = None,
         dry_run: bool = False,
+        guard: Guard | None = None,
     ) -> CreateImageResult:
-        """CreateImage; `image_id` is None for the older API (resolve by name) and for a DryRun."""
+        """CreateImage; `image_id` is None for the older API (resolve by name) and for a DryRun.
+
+        `guard`: see `call` (CallWithheld when it says no before sending).
+        """
         params: Json = {"ImageName": name, "InstanceId": instance_id}
         if description is not None:
             params["ImageDescription"] = description
@@ -310,7 +330,7 @@ class CvmClient:
         if tags:
             params["TagSpecification"] = _tag_specification(tags)
         try:
-            response = await self.call("CreateImage", region, params)
+            response = await self.call("CreateImage", region, params, guard=guard)
         except TencentError as exc:
             if exc.code != DRY_RUN_OK:
                 raise

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from orchestrator.tencent.client import CvmClient
+from orchestrator.tencent.client import CallWithheld, CvmClient
 from orchestrator.tencent.errors import ErrorClass, TencentError
 from orchestrator.tencent.models import Filter
 from tests.tencent import fake_api as f
@@ -106,6 +106,22 @@ async def test_create_image_dry_run(client: CvmClient, fake: f.FakeApi) -> None:
     assert result.image_id is None
     assert result.request_id.startswith("req-")
     assert fake.calls("CreateImage")[0].params["DryRun"] is True
+
+
+async def test_guard_saying_no_at_the_grant_withholds_the_call(
+    client: CvmClient, fake: f.FakeApi
+) -> None:
+    """A guard asked after the limiter's grant can withhold CreateImage: nothing is sent."""
+    fake.script("CreateImage", f.ok(ImageId="img-abc"))
+    with pytest.raises(CallWithheld):
+        await client.create_image(
+            "ap-guangzhou", instance_id="ins-1", name="n", guard=lambda: False
+        )
+    assert fake.calls("CreateImage") == []
+    result = await client.create_image(
+        "ap-guangzhou", instance_id="ins-1", name="n", guard=lambda: True
+    )
+    assert result.image_id == "img-abc"
 
 
 async def test_business_error_carries_code_message_and_request_id(
