@@ -141,6 +141,7 @@ class _Lane:
         self._bucket_period = 0.0
         # When the lane's history begins (the lease gain): its first bucket is primed as of then.
         self._started_at = self._changed_at if started_at is None else started_at
+        self._last_grant = -math.inf
         # Only the lock holder waits in the bucket, so a bucket can be replaced when the rate
         # changes without two buckets granting side by side.
         self._lock = asyncio.Lock()
@@ -155,12 +156,16 @@ class _Lane:
             self._recover(self._loop.time())
             bucket = await self._current_bucket()
             await bucket.acquire()
+            self._last_grant = self._loop.time()
         self._calls += 1
         self._total_wait += self._loop.time() - started
 
     async def _current_bucket(self) -> AsyncLimiter:
         if self._bucket is None:
-            idle = max(self._loop.time() - self._started_at, 0.0)
+            # Never sooner than a period after this lane's own latest grant either: a restart
+            # must not shorten the gap to a call the old bucket has just let through.
+            since = max(self._started_at, self._last_grant)
+            idle = max(self._loop.time() - since, 0.0)
             self._bucket = await primed_bucket(self._period, self._catch_up, idle)
             self._bucket_period = self._period
         elif self._bucket_period != self._period:
@@ -168,6 +173,15 @@ class _Lane:
             self._bucket = await primed_bucket(self._period, self._catch_up)
             self._bucket_period = self._period
         return self._bucket
+
+    def restart(self, at: float) -> None:
+        """Begin the lane's history again at `at` (a lease gained): as if it granted a call then.
+
+        The lane itself stays, so callers already waiting in it and those arriving after
+        share one stream of grants; the next bucket is primed as of `at`.
+        """
+        self._started_at = at
+        self._bucket = None
 
     def throttle(self) -> None:
         """The server said RequestLimitExceeded: slow down, unless we just did."""
@@ -263,16 +277,21 @@ class Limiters:
 
     def forget(self, account: str) -> None:
         """Restart an account's limiters (lease gained) as if each had granted a call just now."""
-        for key in [key for key in self._lanes if key[0] == account]:
-            del self._lanes[key]
         self._started.pop(account, None)
         try:
             loop = self._bind()
         except RuntimeError:
-            return  # outside a loop: the lanes start at their first use instead
-        # Lanes are still made on first use, but primed as of this moment: one idle since the
-        # lease was gained grants at once, and none grants within a period of the gain.
-        self._started[account] = loop.time()
+            # Outside a loop: the lanes start afresh at their first use instead.
+            for key in [key for key in self._lanes if key[0] == account]:
+                del self._lanes[key]
+            return
+        # Lanes in use restart in place (dropping one would let its waiters and a new lane grant
+        # side by side: twice the rate); later ones are primed as of this moment. A lane idle
+        # since the gain grants at once, and none grants within a period of the gain.
+        now = self._started[account] = loop.time()
+        for key, lane in self._lanes.items():
+            if key[0] == account:
+                lane.restart(now)
 
     def stats(self, account: str, action: str) -> LimiterStats:
         """The stats of one (account, action) limiter."""

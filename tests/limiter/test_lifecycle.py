@@ -106,6 +106,23 @@ def test_takeover_primed_at_the_gain_keeps_every_window_within_the_limit() -> No
     assert busiest_window(jittered(times, DEFAULT_JITTER)) <= 10
 
 
+def test_lease_regained_mid_stream_keeps_one_stream_of_grants() -> None:
+    """forget() while calls wait in a lane (a lease lost and regained) never doubles the rate."""
+
+    async def scenario() -> list[float]:
+        limiters = Limiters()
+        busy = asyncio.create_task(grant_times(limiters, ACTION, 40, 20))
+        await asyncio.sleep(1.0)  # mid-stream, with waiters queued in the lane
+        limiters.forget("acct")
+        more = await grant_times(limiters, ACTION, 20, 10)
+        return sorted(await busy + more)
+
+    times = vtime.run(scenario())
+    assert len(times) == 60
+    assert min(gaps(times)) >= Limiters().period(ACTION) - DEFAULT_CATCH_UP
+    assert busiest_window(jittered(times, DEFAULT_JITTER)) <= 10
+
+
 def test_forget_outside_a_loop_primes_at_first_use() -> None:
     """forget() without a running loop only drops lanes; the first use then waits a period."""
     limiters = Limiters()

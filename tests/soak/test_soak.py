@@ -168,6 +168,19 @@ async def _soak_round(
     assert daemon.proc.returncode is None, "the daemon died"
 
 
+async def _stop(daemon: DaemonProcess) -> int | None:
+    """SIGTERM the daemon and reap it (SIGKILL after 30 s); its exit code."""
+    if daemon.proc is None:
+        return None
+    if daemon.proc.returncode is None:
+        daemon.proc.send_signal(signal.SIGTERM)
+    try:
+        return await daemon.wait(within=30)
+    except TimeoutError:
+        await daemon.kill()
+        return None
+
+
 async def _assert_round(policy: str, run_id: int, db: Db, sim: Simulator) -> None:
     rows = await db.fetch(
         "SELECT instance_id, state, reason, last_error_code, lease_owner, slot"
@@ -200,9 +213,9 @@ async def test_daemon_survives_postgres_restarts_and_faults(
             number += 1
             await _soak_round(number, own_postgres, db, daemon, simulator)
     finally:
-        if daemon.proc is not None and daemon.proc.returncode is None:
-            daemon.proc.send_signal(signal.SIGTERM)
-    assert await daemon.wait(within=30) == 0
+        # Reaped even when a round failed: a live child outlasting the test fails later ones.
+        code = await _stop(daemon)
+    assert code == 0
     events = [e["event"] for e in daemon.events()]
     assert "daemon.task_failed" not in events
     # The restarts were noticed and ridden out, not slept through.
