@@ -14,7 +14,9 @@ def register(subparsers: Any) -> None:
     migrate = subparsers.add_parser("migrate", help="apply pending database migrations")
     migrate.set_defaults(handler=run_migrate)
     check = subparsers.add_parser(
-        "check", help="health: database reachable, schema current, credentials usable (exit 0/1)"
+        "check",
+        help="health: database reachable, schema current, no account paused, credentials usable"
+        " (exit 0/1)",
     )
     check.set_defaults(handler=run_check)
 
@@ -50,14 +52,30 @@ async def _check() -> tuple[bool, list[str]]:
         return False, [f"database: FAIL: {exc}"]
     try:
         status = await migrate.schema_status(conn)
+        paused_ok, paused_lines = await _check_pauses(conn) if status.current else (True, [])
     finally:
         await conn.close()
     lines = [
         f"database: ok ({where})",
         f"schema: {'ok' if status.current else 'FAIL'}: {status.describe()}",
+        *paused_lines,
     ]
     creds_ok, creds_lines = await _check_credentials(settings)
-    return status.current and creds_ok, lines + creds_lines
+    return status.current and paused_ok and creds_ok, lines + creds_lines
+
+
+async def _check_pauses(conn: Any) -> tuple[bool, list[str]]:
+    """Accounts paused by an account-wide error: their backups are not being made."""
+    from orchestrator import pauses
+
+    found = await pauses.listed(conn)
+    if not found:
+        return True, ["accounts: ok (none paused)"]
+    return False, [
+        f"account[{p.account}]: FAIL: paused since {p.paused_at:%Y-%m-%d %H:%M:%S}Z by {p.code};"
+        f" next probe {p.probe_at:%H:%M:%S}Z (`cvm-backup account resume {p.account}`)"
+        for p in found
+    ]
 
 
 async def _check_credentials(settings: config.Settings) -> tuple[bool, list[str]]:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
+import asyncpg
 import pytest
 
-from orchestrator import cli
+from orchestrator import cli, pauses
+from orchestrator.tencent.errors import TencentError
 from tests.fixtures.pg import run_sql
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "policies.example.toml"
@@ -224,3 +227,39 @@ def test_check_fails_without_credentials(
     monkeypatch.setenv("CVM_BACKUP_DATABASE_URL", pg_dsn)
     assert cli.main(["check"]) == 1
     assert "credentials[default]: FAIL" in capsys.readouterr().out
+
+
+def test_check_fails_while_an_account_is_paused(
+    pg_dsn: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A paused account makes `check` exit 1 with the reason and how to resume it."""
+    monkeypatch.setenv("TENCENTCLOUD_SECRET_ID", "AKIDcheck")
+    monkeypatch.setenv("TENCENTCLOUD_SECRET_KEY", "check-secret-key")
+    monkeypatch.delenv("CVM_BACKUP_CONFIG", raising=False)
+    monkeypatch.setenv("CVM_BACKUP_DATABASE_URL", pg_dsn)
+    asyncio.run(_pause(pg_dsn, "default"))
+    assert cli.main(["check"]) == 1
+    out = capsys.readouterr().out
+    assert "account[default]: FAIL: paused since" in out
+    assert "by AuthFailure.SecretIdNotFound" in out
+    assert "cvm-backup account resume default" in out
+    assert cli.main(["account", "resume", "default"]) == 0
+    capsys.readouterr()
+    assert cli.main(["check"]) == 0
+    assert "accounts: ok (none paused)" in capsys.readouterr().out
+
+
+async def _pause(dsn: str, account: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        refused = TencentError("AuthFailure.SecretIdNotFound", "no such key")
+        await pauses.pause(
+            conn,
+            account,
+            refused,
+            region="ap-guangzhou",
+            instance_id="ins-abc12345",
+            first_probe=60,
+        )
+    finally:
+        await conn.close()
