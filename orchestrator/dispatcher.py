@@ -17,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import structlog
 
-from orchestrator import backoff, jobs, logs, naming, pauses
+from orchestrator import backoff, jobs, logs, naming, pauses, quota_gate
 from orchestrator.context import EngineContext
 from orchestrator.db.batch import GroupWriter
 from orchestrator.db.resilience import DbWatch, is_connection_error
@@ -442,8 +442,6 @@ class Dispatcher:
         if job.on_quota != "rotate":
             await self._finish(job, "failed", reason="quota_full", error=exc, count=True)
             return
-        from orchestrator import quota_gate
-
         room = await quota_gate.make_room(self.ctx, job.account, job.region)
         key = (job.account, job.region)
         if room.freed > 0:
@@ -478,8 +476,6 @@ class Dispatcher:
 
     async def _quota_gated(self, job: Job) -> bool:
         """Park the job, durably, while its region's quota is known full; True when parked."""
-        from orchestrator import quota_gate
-
         verdict = await quota_gate.admit(self.ctx, job)
         if verdict.until is None:
             return False
