@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -33,12 +34,25 @@ def sim_config() -> SimConfig:
     return replace(make_sim_config(), instances=FLEET, create_delay=(0.1, 0.3), seed=17)
 
 
-def _process(pg_dsn: str, simulator: Simulator, tmp_path: Path, name: str) -> DaemonProcess:
+@pytest.fixture
+async def reaped() -> AsyncIterator[list[DaemonProcess]]:
+    """Processes the test starts, killed at teardown whatever the test's outcome."""
+    started: list[DaemonProcess] = []
+    yield started
+    for process in started:
+        await process.kill()
+
+
+def _process(
+    pg_dsn: str, simulator: Simulator, tmp_path: Path, name: str, reaped: list[DaemonProcess]
+) -> DaemonProcess:
     # poll_interval is long on purpose: the daemon must learn of the new run by NOTIFY.
     settings = fast_settings(pg_dsn, simulator.url, poll_interval=30.0, shutdown_grace=3.0)
     config = config_toml(settings, tmp_path / f"{name}.toml")
     env = daemon_env(pg_dsn, simulator.url, config, tmp_path)
-    return DaemonProcess(env, tmp_path / f"{name}.log")
+    process = DaemonProcess(env, tmp_path / f"{name}.log")
+    reaped.append(process)
+    return process
 
 
 async def _manual_policy(pool: asyncpg.Pool) -> None:
@@ -53,33 +67,39 @@ def _count(process: DaemonProcess, event: str) -> int:
 
 
 async def test_backup_now_wait_leaves_the_calls_to_the_daemon_holding_the_lease(
-    pg_dsn: str, pg_pool: asyncpg.Pool, simulator: Simulator, tmp_path: Path
+    pg_dsn: str,
+    pg_pool: asyncpg.Pool,
+    simulator: Simulator,
+    tmp_path: Path,
+    reaped: list[DaemonProcess],
 ) -> None:
     """With a daemon holding the account, --wait only waits: the daemon drives the run."""
     await _manual_policy(pg_pool)
-    daemon = _process(pg_dsn, simulator, tmp_path, "daemon")
+    daemon = _process(pg_dsn, simulator, tmp_path, "daemon", reaped)
     await daemon.start("run")
-    try:
 
-        async def leased() -> bool:
-            return _count(daemon, "account.lease_acquired") > 0
+    async def leased() -> bool:
+        return _count(daemon, "account.lease_acquired") > 0
 
-        await wait_for(leased, within=30)
-        cli = _process(pg_dsn, simulator, tmp_path, "cli")
-        await cli.start("backup-now", "manual", "--wait")
-        # Well inside the daemon's 30 s poll: the new run's NOTIFY is what wakes it.
-        assert await cli.wait(within=20) == 0, cli.stderr()
-        assert _count(cli, "job.dispatched") == 0
-        assert _count(daemon, "job.dispatched") == len(FLEET)
-    finally:
-        await daemon.kill()
+    await wait_for(leased, within=30)
+    cli = _process(pg_dsn, simulator, tmp_path, "cli", reaped)
+    await cli.start("backup-now", "manual", "--wait")
+    # Well inside the daemon's 30 s poll: the new run's NOTIFY is what wakes it.
+    assert await cli.wait(within=20) == 0, cli.stderr()
+    assert _count(cli, "job.dispatched") == 0
+    assert _count(daemon, "job.dispatched") == len(FLEET)
+    await daemon.kill()
     states = await pg_pool.fetch("SELECT state, count(*) AS n FROM jobs GROUP BY state")
     assert {r["state"]: r["n"] for r in states} == {"succeeded": len(FLEET)}
     assert_sim_clean(simulator)
 
 
 async def test_backup_now_wait_calls_nothing_until_it_holds_the_account(
-    pg_dsn: str, pg_pool: asyncpg.Pool, simulator: Simulator, tmp_path: Path
+    pg_dsn: str,
+    pg_pool: asyncpg.Pool,
+    simulator: Simulator,
+    tmp_path: Path,
+    reaped: list[DaemonProcess],
 ) -> None:
     """While another process holds the account's lease --wait makes no call; then takes over."""
     await _manual_policy(pg_pool)
@@ -89,7 +109,7 @@ async def test_backup_now_wait_calls_nothing_until_it_holds_the_account(
             "SELECT pg_try_advisory_lock($1, hashtext($2))", LOCK_NAMESPACE, lock_key("default")
         )
         assert taken
-        cli = _process(pg_dsn, simulator, tmp_path, "cli")
+        cli = _process(pg_dsn, simulator, tmp_path, "cli", reaped)
         await cli.start("backup-now", "manual", "--wait")
 
         async def started() -> bool:
