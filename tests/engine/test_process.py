@@ -6,6 +6,7 @@ import asyncio
 import functools
 import random
 import signal
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -46,11 +47,13 @@ def sim_config() -> SimConfig:
 
 
 @pytest.fixture
-def daemon(pg_dsn: str, simulator: Simulator, tmp_path: Path) -> DaemonProcess:
-    """A daemon command line on this test's database and simulator (not started)."""
+async def daemon(pg_dsn: str, simulator: Simulator, tmp_path: Path) -> AsyncIterator[DaemonProcess]:
+    """A daemon command line on this test's database and simulator (not started; reaped)."""
     settings = fast_settings(pg_dsn, simulator.url, lease_seconds=1.0, shutdown_grace=3.0)
     config = config_toml(settings, tmp_path / "config.toml")
-    return DaemonProcess(daemon_env(pg_dsn, simulator.url, config, tmp_path), tmp_path / "log")
+    process = DaemonProcess(daemon_env(pg_dsn, simulator.url, config, tmp_path), tmp_path / "log")
+    yield process
+    await process.kill()  # a test that failed mid-run must not leave it running
 
 
 async def _terminal(pool: asyncpg.Pool, expected: int) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -41,7 +42,9 @@ def sim_config() -> SimConfig:
 
 
 @pytest.fixture
-def replicas(pg_dsn: str, simulator: Simulator, tmp_path: Path) -> list[DaemonProcess]:
+async def replicas(
+    pg_dsn: str, simulator: Simulator, tmp_path: Path
+) -> AsyncIterator[list[DaemonProcess]]:
     """Three daemon command lines on one database and simulator, each with its own log."""
     settings = fast_settings(pg_dsn, simulator.url, lease_seconds=1.0, shutdown_grace=3.0)
     made = []
@@ -50,7 +53,9 @@ def replicas(pg_dsn: str, simulator: Simulator, tmp_path: Path) -> list[DaemonPr
         home.mkdir()
         config = config_toml(settings, home / "config.toml")
         made.append(DaemonProcess(daemon_env(pg_dsn, simulator.url, config, home), home / "log"))
-    return made
+    yield made
+    for process in made:
+        await process.kill()  # a test that failed mid-run must not leave them running
 
 
 def _count(daemon: DaemonProcess, event: str) -> int:

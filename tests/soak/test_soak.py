@@ -12,7 +12,7 @@ import asyncio
 import os
 import random
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -66,8 +66,10 @@ def sim_config() -> SimConfig:
 
 
 @pytest.fixture
-def daemon(own_postgres: OwnPostgres, simulator: Simulator, tmp_path: Path) -> DaemonProcess:
-    """A daemon command line on the restartable database and the faulty simulator."""
+async def daemon(
+    own_postgres: OwnPostgres, simulator: Simulator, tmp_path: Path
+) -> AsyncIterator[DaemonProcess]:
+    """A daemon command line on the restartable database and the faulty simulator (reaped)."""
     # Leases outlast an outage plus a missed beat, so a restart alone never causes a reclaim;
     # a generous retry budget keeps 30% faults from exhausting a job by bad luck.
     settings = fast_settings(
@@ -78,7 +80,9 @@ def daemon(own_postgres: OwnPostgres, simulator: Simulator, tmp_path: Path) -> D
     )
     config = config_toml(settings, tmp_path / "config.toml")
     env = daemon_env(own_postgres.dsn, simulator.url, config, tmp_path)
-    return DaemonProcess(env, tmp_path / "log")
+    process = DaemonProcess(env, tmp_path / "log")
+    yield process
+    await process.kill()
 
 
 class Db:
