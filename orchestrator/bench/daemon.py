@@ -73,8 +73,19 @@ def children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def daemon_env(dsn: str, endpoint: str, config: Path, home: Path) -> dict[str, str]:
-    """The daemon's environment: the bench database, the simulator, simulator-only keys."""
+def daemon_env(
+    dsn: str,
+    endpoint: str,
+    config: Path,
+    home: Path,
+    *,
+    secret_id: str = SECRET_ID,
+    secret_key: str = SECRET_KEY,
+) -> dict[str, str]:
+    """A daemon's environment: the given database and simulator, simulator-only keys.
+
+    Nothing of the caller's own cvm-backup, Tencent, database or proxy settings leaks in.
+    """
     env = {
         k: v
         for k, v in os.environ.items()
@@ -86,8 +97,8 @@ def daemon_env(dsn: str, endpoint: str, config: Path, home: Path) -> dict[str, s
         CVM_BACKUP_CONFIG=str(config),
         CVM_BACKUP_HOME=str(home),
         CVM_BACKUP_LOG_FORMAT="json",
-        TENCENTCLOUD_SECRET_ID=SECRET_ID,
-        TENCENTCLOUD_SECRET_KEY=SECRET_KEY,
+        TENCENTCLOUD_SECRET_ID=secret_id,
+        TENCENTCLOUD_SECRET_KEY=secret_key,
     )
     return env
 

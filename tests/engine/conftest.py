@@ -180,21 +180,13 @@ def captured_logs() -> Iterator[LogCapture]:
 
 def daemon_env(dsn: str, endpoint: str, config: Path, home: Path) -> dict[str, str]:
     """The environment of a daemon subprocess: test database, simulator, test credentials."""
-    import os
-
+    from orchestrator.bench.daemon import daemon_env as isolated_env
     from tests.fixtures.sim import TEST_SECRET_ID, TEST_SECRET_KEY
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CVM_BACKUP_", "TENCENT"))}
-    env.update(
-        CVM_BACKUP_DATABASE_URL=dsn,
-        CVM_BACKUP_ENDPOINT=endpoint,
-        CVM_BACKUP_CONFIG=str(config),
-        CVM_BACKUP_HOME=str(home),
-        CVM_BACKUP_LOG_FORMAT="json",
-        TENCENTCLOUD_SECRET_ID=TEST_SECRET_ID,
-        TENCENTCLOUD_SECRET_KEY=TEST_SECRET_KEY,
-        PYTHONUNBUFFERED="1",
+    env = isolated_env(
+        dsn, endpoint, config, home, secret_id=TEST_SECRET_ID, secret_key=TEST_SECRET_KEY
     )
+    env["PYTHONUNBUFFERED"] = "1"
     return env
 
 

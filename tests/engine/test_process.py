@@ -100,16 +100,7 @@ async def test_sigterm_exits_zero_within_grace_and_releases_every_lease(
     daemon: DaemonProcess, pg_pool: asyncpg.Pool, simulator: Simulator
 ) -> None:
     """SIGTERM mid-run: exit 0 within the grace period and no job left claimed."""
-    simulator.set_faults(Faults(latency=(0.3, 0.6)))
-    await insert_policy(pg_pool, "term", instance_tags={"backup": "daily"})
-    await daemon.start("run")
-
-    async def dispatched() -> bool:
-        return any(e["event"] == "job.dispatched" for e in daemon.events())
-
-    await wait_for(dispatched, within=30)
-    assert daemon.proc is not None
-    daemon.proc.send_signal(signal.SIGTERM)
+    await _sigterm_mid_run(daemon, pg_pool, simulator, "term", latency=(0.3, 0.6))
     # The grace period is 3 s; the bound below only keeps a hang from stalling the suite.
     assert await daemon.wait(within=3.0 + 5.0) == 0
     held = await pg_pool.fetchval("SELECT count(*) FROM jobs WHERE lease_owner IS NOT NULL")
@@ -123,21 +114,30 @@ async def test_second_signal_exits_at_once(
     daemon: DaemonProcess, pg_pool: asyncpg.Pool, simulator: Simulator
 ) -> None:
     """A second SIGTERM during the grace period ends the process immediately."""
-    simulator.set_faults(Faults(latency=(2.0, 2.5)))
-    await insert_policy(pg_pool, "twice", instance_tags={"backup": "daily"})
-    await daemon.start("run")
-
-    async def dispatched() -> bool:
-        return any(e["event"] == "job.dispatched" for e in daemon.events())
-
-    await wait_for(dispatched, within=30)
-    assert daemon.proc is not None
-    daemon.proc.send_signal(signal.SIGTERM)
+    proc = await _sigterm_mid_run(daemon, pg_pool, simulator, "twice", latency=(2.0, 2.5))
     await wait_for(lambda: _has(daemon, "daemon.stopping"), within=10)
-    daemon.proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGTERM)
     assert await daemon.wait(within=10) == 128 + signal.SIGTERM
     assert any(e["event"] == "daemon.killed" for e in daemon.events())
 
 
 async def _has(daemon: DaemonProcess, event: str) -> bool:
     return any(e["event"] == event for e in daemon.events())
+
+
+async def _sigterm_mid_run(
+    daemon: DaemonProcess,
+    pool: asyncpg.Pool,
+    simulator: Simulator,
+    policy: str,
+    *,
+    latency: tuple[float, float],
+) -> asyncio.subprocess.Process:
+    """Start a run with slow calls, SIGTERM it once a call is out; the process."""
+    simulator.set_faults(Faults(latency=latency))
+    await insert_policy(pool, policy, instance_tags={"backup": "daily"})
+    await daemon.start("run")
+    await wait_for(functools.partial(_has, daemon, "job.dispatched"), within=30)
+    assert daemon.proc is not None
+    daemon.proc.send_signal(signal.SIGTERM)
+    return daemon.proc
