@@ -25,14 +25,16 @@ from orchestrator.tencent import endpoints
 
 DEFAULT_ENDPOINT = "https://cvm.tencentcloudapi.com"
 
-# Published per-second limits (reference §5); DescribeImageQuota's is the common CVM default.
+# Published per-second limits (reference §5; DescribeImageQuota's page says 10).
 DEFAULT_LIMITS: Mapping[str, int] = {
     "CreateImage": 10,
     "DeleteImages": 10,
     "DescribeImages": 40,
     "DescribeInstances": 40,
-    "DescribeImageQuota": 20,
+    "DescribeImageQuota": 10,
 }
+# The deployment name is a tag value on every image we make: short and from a small alphabet.
+DEPLOYMENT_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,19}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +87,12 @@ class Settings:
     metrics_address: str | None = None  # "127.0.0.1:9108" to serve /metrics
     retry: RetrySettings = field(default_factory=RetrySettings)
     accounts: tuple[AccountSettings, ...] = (AccountSettings(),)
+    # Tagged on every image as cvm-backup:deployment; only images carrying it are ever adopted.
+    deployment: str = "default"
+    # The retention sweep over every (policy, instance) with live images, and the reconciliation
+    # of image rows with the cloud: seconds between passes.
+    retention_interval: float = 600.0
+    reconcile_interval: float = 3600.0
 
 
 # Environment variables that set a field; the first one set (and non-empty) wins.
@@ -93,6 +101,7 @@ ENVIRONMENT: Mapping[str, tuple[str, ...]] = {
     "home": ("CVM_BACKUP_HOME",),
     "endpoint": ("CVM_BACKUP_ENDPOINT",),
     "log_format": ("CVM_BACKUP_LOG_FORMAT",),
+    "deployment": ("CVM_BACKUP_DEPLOYMENT",),
 }
 LOG_FORMATS = ("auto", "json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -241,6 +250,12 @@ def _not_blank(value: str) -> str | None:
     return None if value.strip() else "must not be empty"
 
 
+def _deployment(value: str) -> str | None:
+    if DEPLOYMENT_RE.fullmatch(value):
+        return None
+    return "must be lowercase letters, digits and '-', at most 20, starting with a letter or digit"
+
+
 _RULES: Mapping[type, Mapping[str, Check]] = {
     Settings: {
         "database_url": _database_url,
@@ -257,6 +272,9 @@ _RULES: Mapping[type, Mapping[str, Check]] = {
         "log_format": _log_format,
         "log_level": _log_level,
         "metrics_address": _address,
+        "deployment": _deployment,
+        "retention_interval": _positive,
+        "reconcile_interval": _positive,
     },
     RetrySettings: {
         "transient_base": _positive,

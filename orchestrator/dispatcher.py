@@ -284,7 +284,14 @@ class Dispatcher:
     async def _lookup(self, job: Job) -> Image | None:
         images = await self.ctx.client(job.account).find_images_by_name(job.region, job.image_name)
         # Names are unique per region, so at most one; prefer the one carrying our tags.
-        ours = [i for i in images if naming.is_ours(i.tags)]
+        deployment = self.ctx.settings.deployment
+        ours = [
+            i
+            for i in images
+            if naming.is_ours(
+                i.tags, deployment, job.policy_name, instance_id=job.instance_id, slot=job.slot
+            )
+        ]
         return next(iter(ours or images), None)
 
     async def _create(self, job: Job) -> None:
@@ -314,7 +321,7 @@ class Dispatcher:
                 force_poweroff=job.force_poweroff,
                 sysprep=job.sysprep,
                 data_disk_ids=disks,
-                tags=naming.ours_tags(job.policy_name, job.instance_id, job.slot),
+                tags=naming.ours_tags(self.ctx.settings.deployment, job.policy_name),
                 guard=guard,
             )
         except CallWithheld:

@@ -213,7 +213,7 @@ async def dry_run(
             force_poweroff=policy.force_poweroff,
             sysprep=policy.sysprep,
             data_disk_ids=disks,
-            tags=naming.ours_tags(policy.name, instance_id, slot),
+            tags=naming.ours_tags(ctx.settings.deployment, policy.name),
             dry_run=True,
         )
     except TencentError as exc:

@@ -56,7 +56,7 @@ async def test_job_found_mid_call_adopts_the_image_instead_of_creating(
     # The dead process got as far as the call: Tencent made the image, the answer was lost.
     client = engine_ctx.client("default")
     await client.create_image(
-        TEST_REGION, instance_id=instance, name=name, tags=naming.ours_tags("mid", instance, slot)
+        TEST_REGION, instance_id=instance, name=name, tags=naming.ours_tags("default", "mid")
     )
     await pg_pool.execute("UPDATE jobs SET state = 'creating'")
     assert await drain(engine_ctx, run_id=run_id) == 0
@@ -150,7 +150,7 @@ async def test_policy_options_reach_create_image(
     (image,) = [i for i in simulator.state.iter_ours()]
     assert image.data_disk_ids == (spec.data_disk_ids if whole_machine else ())
     assert image.tags[naming.TAG_POLICY] == "opts"
-    assert image.tags[naming.TAG_INSTANCE] == spec.instance_id
+    assert image.tags[naming.TAG_DEPLOYMENT] == "default"
 
 
 async def test_a_dying_background_task_stops_the_daemon_with_an_error(

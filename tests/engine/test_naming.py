@@ -44,13 +44,54 @@ def test_naive_slot_is_refused() -> None:
         naming.image_name("p", "ins-1", SLOT.replace(tzinfo=None))
 
 
+def _tags(**pairs: str) -> tuple[Tag, ...]:
+    return tuple(Tag(k, v) for k, v in pairs.items())
+
+
 def test_ours_tags_round_trip() -> None:
-    """The tags we put on an image are what `is_ours` recognises, per policy."""
-    tags = tuple(Tag(k, v) for k, v in naming.ours_tags("web", "ins-1", SLOT).items())
-    assert naming.is_ours(tags)
-    assert naming.is_ours(tags, "web")
-    assert not naming.is_ours(tags, "db")
-    assert not naming.is_ours((Tag("owner", "someone-else"),))
+    """The tags we put on an image are what `is_ours` recognises, per deployment and policy."""
+    tags = tuple(Tag(k, v) for k, v in naming.ours_tags("prod", "web").items())
+    assert naming.is_ours(tags, "prod")
+    assert naming.is_ours(tags, "prod", "web")
+    assert not naming.is_ours(tags, "prod", "db")
+    assert not naming.is_ours(tags, "staging", "web")
+    assert not naming.is_ours((Tag("owner", "someone-else"),), "prod")
+
+
+def test_tag_values_are_bounded_by_deployments_and_policies() -> None:
+    """No tag value depends on the instance or the slot (tag values are an account-wide limit)."""
+    assert naming.ours_tags("default", "web") == {
+        naming.TAG_DEPLOYMENT: "default",
+        naming.TAG_POLICY: "web",
+    }
+
+
+def test_a_bare_policy_tag_is_not_proof_of_ownership() -> None:
+    """An image tagged only cvm-backup:policy (by hand, or a copy) is nobody's we know."""
+    assert not naming.is_ours(_tags(**{naming.TAG_POLICY: "web"}), "default", "web")
+
+
+def test_images_made_before_deployments_count_as_the_default_deployments() -> None:
+    """Old images (policy, instance and slot tags) are the default deployment's, when they match."""
+    old = _tags(
+        **{
+            naming.TAG_POLICY: "web",
+            naming.TAG_INSTANCE: "ins-1",
+            naming.TAG_SLOT: "20261123T0300Z",
+        }
+    )
+    assert naming.is_ours(old, "default", "web", instance_id="ins-1", slot=SLOT)
+    assert not naming.is_ours(old, "default", "web", instance_id="ins-2", slot=SLOT)
+    assert not naming.is_ours(old, "prod", "web", instance_id="ins-1", slot=SLOT)
+
+
+def test_origin_is_read_from_the_description_and_checked_by_the_name() -> None:
+    """Reconciliation learns policy, instance and slot from an image, only if its name agrees."""
+    name = naming.image_name("web", "ins-1", SLOT)
+    text = naming.description("web", "ins-1", SLOT)
+    assert naming.origin(name, text) == naming.Origin("web", "ins-1", SLOT)
+    assert naming.origin("my-own-copy", text) is None
+    assert naming.origin(name, "hand made") is None
 
 
 def test_backoff_doubles_under_a_cap_with_full_jitter_and_respects_the_window() -> None:
