@@ -9,13 +9,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-# Published per-second limits (reference §5); DescribeImageQuota's is the common CVM default.
+# Published per-second limits (reference §5).
 DEFAULT_LIMITS: Mapping[str, int] = {
     "CreateImage": 10,
     "DeleteImages": 10,
     "DescribeImages": 40,
     "DescribeInstances": 40,
-    "DescribeImageQuota": 20,
+    "DescribeImageQuota": 10,
 }
 
 DEFAULT_REGION = "ap-guangzhou"
@@ -123,6 +123,13 @@ class SimConfig:
     seed: int = 0
     legacy: bool = False
     clock_skew: float = 300.0
+    # The real API's eventual consistency (reference §9), off by default:
+    # - delete_delay: seconds a deleted image stays listed as DELETING, still holding its quota
+    #   slot and its name, before it disappears;
+    # - list_lag: seconds a new image is absent from DescribeImages after CreateImage answered,
+    #   while its name is already taken and it already counts against the quota.
+    delete_delay: float = 0.0
+    list_lag: float = 0.0
 
     def limit(self, action: str) -> int | None:
         """The per-second limit of an action, None when unlimited."""
