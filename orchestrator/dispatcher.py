@@ -38,6 +38,18 @@ REFILL_FRACTION = 4
 DB_BLIPS = (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError)
 
 
+# A job whose exact name belongs to an image that is not provably ours ends with this code.
+NAME_TAKEN = "ImageNameTaken"
+
+
+class NameTaken(TencentError):
+    """An image with the job's exact name exists without this deployment's and policy's tags."""
+
+    def __init__(self, image: Image) -> None:
+        super().__init__(NAME_TAKEN, f"name taken by {image.image_id}")
+        self.image = image
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -273,6 +285,9 @@ class Dispatcher:
         """A call may have been made before: look the name up first; True to go on creating."""
         try:
             found = await self._lookup(job)
+        except NameTaken as taken:
+            await self._name_taken(job, taken)
+            return False
         except TencentError as exc:
             await self._on_error(job, exc, maybe_created=True, action="DescribeImages")
             return False
@@ -282,17 +297,34 @@ class Dispatcher:
         return True
 
     async def _lookup(self, job: Job) -> Image | None:
+        """The job's image by exact name, if it is provably ours; NameTaken when it is not."""
         images = await self.ctx.client(job.account).find_images_by_name(job.region, job.image_name)
-        # Names are unique per region, so at most one; prefer the one carrying our tags.
-        deployment = self.ctx.settings.deployment
-        ours = [
-            i
-            for i in images
+        # Names are unique per region, so at most one. Only tags naming this deployment and the
+        # job's policy prove the image is ours: a copy made by hand, another installation or a
+        # cross-region copy can carry the exact name, and adopting it would later delete it.
+        for image in images:
             if naming.is_ours(
-                i.tags, deployment, job.policy_name, instance_id=job.instance_id, slot=job.slot
-            )
-        ]
-        return next(iter(ours or images), None)
+                image.tags,
+                self.ctx.settings.deployment,
+                job.policy_name,
+                instance_id=job.instance_id,
+                slot=job.slot,
+            ):
+                return image
+        if images:
+            raise NameTaken(images[0])
+        return None
+
+    async def _name_taken(self, job: Job, taken: NameTaken) -> None:
+        # Nothing is adopted or deleted: the image is someone else's. The next slot has its own
+        # name and proceeds normally.
+        error = TencentError(
+            NAME_TAKEN,
+            f"an image named {job.image_name!r} exists ({taken.image.image_id}) without this"
+            f" deployment's tags ({naming.TAG_DEPLOYMENT}, {naming.TAG_POLICY}); it is not ours",
+        )
+        log.error("image.name_taken", image_id=taken.image.image_id, image_name=job.image_name)
+        await self._finish(job, "failed", reason="name_taken", error=error, count=True)
 
     async def _create(self, job: Job) -> None:
         if job.gated and await self._quota_gated(job):
@@ -364,7 +396,12 @@ class Dispatcher:
             return
         # The older API answers without ImageId: the name says which image it made.
         for attempt in range(_LEGACY_LOOKUPS):
-            found = await self._lookup(job)
+            try:
+                found = await self._lookup(job)
+            except NameTaken as taken:
+                # Cannot be ours: the call that just succeeded made an image with our tags.
+                await self._name_taken(job, taken)
+                return
             if found is not None:
                 await self._record_image(
                     job, found.image_id, found.state, result.request_id, "created_no_id"
@@ -558,6 +595,9 @@ class Dispatcher:
     async def _adopt_if_found(self, job: Job) -> bool:
         try:
             found = await self._lookup(job)
+        except NameTaken as taken:
+            await self._name_taken(job, taken)
+            return True
         except TencentError:
             return False
         if found is None:
