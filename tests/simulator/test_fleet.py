@@ -144,5 +144,5 @@ def test_defaults_are_the_published_limits() -> None:
     assert [config.limit(a) for a in ("CreateImage", "DescribeImages", "DescribeImageQuota")] == [
         10,
         40,
-        20,
+        10,
     ]

@@ -50,21 +50,21 @@ async def test_sdk_unknown_secret_id(simulator: Simulator) -> None:
 
 
 async def test_sdk_sees_request_limit_exceeded(sim_config: SimConfig) -> None:
-    """The 21st DescribeImageQuota call inside one second is throttled with the real message."""
+    """The 11th DescribeImageQuota call inside one second is throttled with the real message."""
     clock = FrozenClock()
     async with run_simulator(sim_config, mono=clock) as sim:
         client = sdk_client(sim)
-        for _ in range(20):
+        for _ in range(10):
             await sdk_call(client, "DescribeImageQuota")
         with pytest.raises(TencentCloudSDKException) as caught:
             await sdk_call(client, "DescribeImageQuota")
         assert caught.value.get_code() == "RequestLimitExceeded"
-        assert "equals to `21` in a second" in caught.value.get_message()
-        assert "frequency limit `20`" in caught.value.get_message()
+        assert "equals to `11` in a second" in caught.value.get_message()
+        assert "frequency limit `10`" in caught.value.get_message()
         clock.advance(1.0)
         await sdk_call(client, "DescribeImageQuota")
         assert sim.state.violations == {"DescribeImageQuota": 1}
-        assert sim.state.max_window("DescribeImageQuota") == 21
+        assert sim.state.max_window("DescribeImageQuota") == 11
 
 
 async def test_sdk_duplicate_name(simulator: Simulator) -> None:
