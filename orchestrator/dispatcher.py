@@ -75,8 +75,9 @@ class Dispatcher:
         self.held = held
         # A cache of the account_pauses rows of our accounts (the claim reads the table
         # itself): kept by `_on_account` and the prober (`pause_changed`), it stops a job
-        # claimed just before its account was paused from calling the API.
-        self.paused: set[str] = set()
+        # claimed just before its account or region was paused from calling the API. Keys are
+        # (account, None) for an account-wide pause, (account, region) for a regional one.
+        self.paused: set[pauses.Scope] = set()
         self.probe = probe or ProbeTimings()
         self.wake = asyncio.Event()
         # When the idle loop looks again (None: not idle); a retry due sooner wakes it.
@@ -135,10 +136,15 @@ class Dispatcher:
     def _accounts(self) -> Collection[str] | None:
         return None if self.held is None else self.held()
 
-    def _drives(self, account: str) -> bool:
-        """Whether this replica may call the account's API now (not paused, lease held)."""
+    def _drives(self, account: str, region: str | None = None) -> bool:
+        """Whether this replica may call the account's API (in `region`) now.
+
+        Not when the account is paused account-wide or that region is, nor without its lease.
+        """
         held = self._accounts()
-        return account not in self.paused and (held is None or account in held)
+        if (account, None) in self.paused or (account, region) in self.paused:
+            return False
+        return held is None or account in held
 
     async def _take_slots(self, stop: asyncio.Event) -> int:
         # Wait for a refill's worth of free slots, then take every free one: refilling one
@@ -267,7 +273,7 @@ class Dispatcher:
 
     async def _process(self, job: Job) -> None:
         log.info("job.claimed", state=job.state, region=job.region, account=job.account)
-        if not self._drives(job.account):
+        if not self._drives(job.account, job.region):
             # Paused, or the account's lease was lost between the claim and now.
             await self._release_paused(job)
             return
@@ -555,6 +561,7 @@ class Dispatcher:
     async def _on_account(self, job: Job, exc: TencentError, maybe_created: bool) -> None:
         await self._finish(job, "failed", reason="account_error", error=exc, count=True)
         # Durable first, so this cache never holds a pause the table (and the prober) lacks.
+        # A CAM denial pauses only the job's region (errors.pause_scope); others the account.
         paused = await pauses.pause(
             self.ctx.pool,
             job.account,
@@ -562,28 +569,21 @@ class Dispatcher:
             region=job.region,
             instance_id=job.instance_id,
             first_probe=self.probe.base,
+            policy=job.policy_name,
         )
-        self.paused.add(job.account)
+        self.paused.add((job.account, pauses.scope_of(exc, job.region)))
         if paused is not None:
-            log.error(
-                "account.paused",
-                account=job.account,
-                code=exc.code,
-                message=exc.message,
-                request_id=exc.request_id,
-                next_probe_at=paused.probe_at.isoformat(),
-                hint=(
-                    "fix the account (balance, credentials, permissions): it resumes by itself"
-                    f" once a probe succeeds, or now with `cvm-backup account resume {job.account}`"
-                ),
-            )
+            _log_paused(paused, exc)
 
-    def pause_changed(self, account: str, paused: bool) -> None:
-        """The prober saw `account` paused or lifted; a lift claims its jobs at once."""
+    def pause_changed(self, account: str, paused: bool, region: str | None = None) -> None:
+        """The prober saw a pause of `account` (of `region`, or account-wide) come or go.
+
+        A lift claims the jobs it held back at once.
+        """
         if paused:
-            self.paused.add(account)
+            self.paused.add((account, region))
             return
-        self.paused.discard(account)
+        self.paused.discard((account, region))
         self.wake.set()
 
     async def _on_gone(self, job: Job, exc: TencentError, maybe_created: bool) -> None:
@@ -730,6 +730,33 @@ class Dispatcher:
             error=None,
             outcome="account_paused",
         )
+
+
+def _log_paused(paused: pauses.Pause, exc: TencentError) -> None:
+    """Say loudly what stopped, where, and how it resumes."""
+    if paused.scope_region is None:
+        fix = "fix the account (balance, credentials, clock)"
+    else:
+        fix = (
+            f"grant cvm:{paused.action or 'CreateImage'} in {paused.scope_region} to these keys"
+            " (a CAM policy can be scoped by region, resource or tag); other regions go on"
+        )
+    log.error(
+        "account.paused",
+        account=paused.account,
+        scope=paused.scope_label,
+        scope_region=paused.scope_region,
+        action=paused.action,
+        policy=paused.policy,
+        code=exc.code,
+        message=paused.message,
+        request_id=exc.request_id,
+        next_probe_at=paused.probe_at.isoformat(),
+        hint=(
+            f"{fix}: it resumes by itself once a probe succeeds,"
+            f" or now with `{paused.resume_command}`"
+        ),
+    )
 
 
 async def _pause(stop: asyncio.Event, seconds: float) -> None:

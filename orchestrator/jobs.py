@@ -31,7 +31,10 @@ WITH due AS (
     WHERE state IN ('pending', 'claimed', 'creating')
       AND ((lease_owner IS NULL AND next_attempt_at <= now()) OR lease_expires_at < now())
       -- A paused account's jobs stay put (orchestrator.pauses): no statement per claim for it.
-      AND NOT EXISTS (SELECT 1 FROM account_pauses ap WHERE ap.account = jobs.account)
+      -- A pause covers the whole account (scope_region NULL) or one region (a CAM denial).
+      AND NOT EXISTS (SELECT 1 FROM account_pauses ap
+                      WHERE ap.account = jobs.account
+                        AND (ap.scope_region IS NULL OR ap.scope_region = jobs.region))
       AND ($4::bigint IS NULL OR run_id = $4)
       -- Only accounts whose lease this replica holds (NULL: every account).
       AND ($5::text[] IS NULL OR account = ANY($5::text[]))
@@ -282,8 +285,11 @@ async def event(conn: Any, kind: str, job: Job, **details: Any) -> None:
     )
 
 
-# Jobs of a paused account wait for the prober (orchestrator.pauses), not for a time.
-_NOT_PAUSED = " AND NOT EXISTS (SELECT 1 FROM account_pauses ap WHERE ap.account = jobs.account)"
+# Jobs of a paused account or region wait for the prober (orchestrator.pauses), not for a time.
+_NOT_PAUSED = (
+    " AND NOT EXISTS (SELECT 1 FROM account_pauses ap WHERE ap.account = jobs.account"
+    " AND (ap.scope_region IS NULL OR ap.scope_region = jobs.region))"
+)
 
 
 async def next_due(pool: asyncpg.Pool, accounts: Collection[str] | None = None) -> datetime | None:

@@ -34,6 +34,9 @@ INSTANCE_ID_RE = re.compile(r"^ins-[a-z0-9]{1,32}$")
 DURATION_RE = re.compile(r"^(?:\d+[dhms])+$")
 _DURATION_UNITS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
 ON_QUOTA = ("rotate", "fail")
+# DescribeInstances takes at most 10 filters (reference §3.5) and each tag is one `tag:KEY`
+# filter; one stays free for the query itself. Migration 0004 holds the same limit in SQL.
+MAX_INSTANCE_TAGS = 9
 KEEP_RULES = ("keep_last", "keep_daily", "keep_weekly", "keep_monthly", "keep_yearly")
 
 
@@ -175,6 +178,11 @@ def check_tags(value: object) -> dict[str, str]:
             isinstance(key, str) and key != "" and isinstance(item, str) and item != "",
             expected,
             {key: item},
+        )
+    if len(value) > MAX_INSTANCE_TAGS:
+        raise FieldError(
+            f"expected at most {MAX_INSTANCE_TAGS} tags (DescribeInstances takes at most 10"
+            f" filters, one per tag), got {len(value)}"
         )
     return dict(value)
 

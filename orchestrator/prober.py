@@ -1,11 +1,13 @@
-"""The prober: resumes a paused account by itself once a probe shows it works again.
+"""The prober: resumes a paused account or region by itself once a probe shows it works again.
 
-The replica driving an account (holding its lease, `orchestrator.accounts`) probes each of its
-paused accounts (`orchestrator.pauses`) when the row's `probe_at` comes, with one CreateImage
-DryRun through the account's shared limiter. A DryRun rather than a read call because it is
-checked like the call that failed: a CAM policy may allow Describe* and refuse CreateImage, and
-a balance problem shows on CreateImage, so a read call could answer "fine" and resume an account
-only to fail its next job. No image is made and no quota is used.
+The replica driving an account (holding its lease, `orchestrator.accounts`) probes each pause
+of its accounts (`orchestrator.pauses`) when the row's `probe_at` comes, with one CreateImage
+DryRun through the account's shared limiter, in the pause's region and on the instance whose
+job was refused: a regional pause (a CAM denial, which can be scoped per region, resource or
+tag) is lifted by a probe of its own scope only, and lifts nothing else. A DryRun rather than a
+read call because it is checked like the call that failed: a CAM policy may allow Describe* and
+refuse CreateImage, and a balance problem shows on CreateImage, so a read call could answer
+"fine" and resume an account only to fail its next job. No image is made and no quota is used.
 
 The answer decides: success (or any answer that is not account-wide: the account got past
 authentication and authorization) lifts the pause; an account-wide answer pushes the next probe
@@ -20,11 +22,12 @@ import asyncio
 import contextlib
 from collections.abc import Callable, Collection
 from datetime import UTC, datetime
+from typing import Protocol
 
 from orchestrator import logs, pauses
 from orchestrator.context import EngineContext
 from orchestrator.db.resilience import DbWatch
-from orchestrator.pauses import Pause, ProbeTimings
+from orchestrator.pauses import Pause, ProbeTimings, Scope
 from orchestrator.tencent.errors import ErrorClass, TencentError
 
 log = logs.get("prober")
@@ -34,11 +37,15 @@ PROBE_IMAGE_NAME = "cvmbk-account-probe"
 # Answers that say nothing about the account: try again after `ProbeTimings.retry`.
 _NO_ANSWER = frozenset({ErrorClass.THROTTLED, ErrorClass.TRANSIENT, ErrorClass.BUSY})
 
-OnChange = Callable[[str, bool], None]  # (account, paused)
+
+class OnChange(Protocol):
+    """Told when a pause appears or goes: `region` None for an account-wide one."""
+
+    def __call__(self, account: str, paused: bool, region: str | None = None) -> None: ...
 
 
 class Prober:
-    """Keeps this replica's view of paused accounts current and probes the due ones."""
+    """Keeps this replica's view of pauses current and probes the due ones."""
 
     def __init__(
         self,
@@ -53,15 +60,20 @@ class Prober:
         self.timings = timings or ProbeTimings()
         self.on_change = on_change
         self.wake = asyncio.Event()
-        self._seen: set[str] = set()
+        self._seen: set[Scope] = set()
 
     @property
     def paused(self) -> frozenset[str]:
-        """The paused accounts of this replica, as of the last round."""
+        """The accounts of this replica with any pause (account-wide or regional), last round."""
+        return frozenset(account for account, _ in self._seen)
+
+    @property
+    def scopes(self) -> frozenset[Scope]:
+        """The pauses of this replica as of the last round: (account, region or None)."""
         return frozenset(self._seen)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Probe due accounts until `stop`; a round every poll interval or when woken."""
+        """Probe due pauses until `stop`; a round every poll interval or when woken."""
         watch = DbWatch("prober", stop)
         while not stop.is_set():
             wait = self.ctx.settings.poll_interval
@@ -74,7 +86,7 @@ class Prober:
         self.wake.clear()
         accounts = self._accounts()
         current = await pauses.listed(self.ctx.pool, accounts)
-        self._sync({p.account for p in current}, accounts)
+        self._sync({p.scope for p in current}, accounts)
         due = [p for p in current if p.probe_at <= _now()]
         for pause in due:
             await self.probe(pause)
@@ -84,7 +96,7 @@ class Prober:
         return _until(min(p.probe_at for p in current))
 
     async def probe(self, pause: Pause) -> bool:
-        """One probe of a paused account; True when its pause was lifted."""
+        """One probe of a pause, in its region; True when the pause was lifted."""
         client = self.ctx.client(pause.account)
         try:
             await client.create_image(
@@ -99,10 +111,13 @@ class Prober:
             await self._refused(pause, exc)
             return False
         if exc.error_class in _NO_ANSWER:
-            await pauses.postpone(self.ctx.pool, pause.account, self.timings.retry)
+            await pauses.postpone(
+                self.ctx.pool, pause.account, self.timings.retry, scope_region=pause.scope_region
+            )
             log.info(
                 "account.probe_retry",
                 account=pause.account,
+                scope_region=pause.scope_region,
                 code=exc.code,
                 delay=self.timings.retry,
             )
@@ -111,52 +126,59 @@ class Prober:
         return await self._lift(pause, probe_code=exc.code)
 
     async def _refused(self, pause: Pause, exc: TencentError) -> None:
-        again = await pauses.refused(self.ctx.pool, pause.account, exc, self.timings)
+        again = await pauses.refused(
+            self.ctx.pool, pause.account, exc, self.timings, scope_region=pause.scope_region
+        )
         if again is None:
             return  # lifted meanwhile (an operator): the next round notices
         log.warning(
             "account.probe_failed",
             account=pause.account,
+            scope_region=pause.scope_region,
             code=exc.code,
-            message=exc.message,
+            message=again.message,
             request_id=exc.request_id,
             failed_probes=again.failed_probes,
             next_probe_at=again.probe_at.isoformat(),
         )
 
     async def _lift(self, pause: Pause, *, probe_code: str | None) -> bool:
-        lifted = await pauses.resume(self.ctx.pool, pause.account, "probe")
+        lifted = await pauses.resume(
+            self.ctx.pool, pause.account, "probe", scope_region=pause.scope_region
+        )
         if lifted is None:
             return False
         log.info(
             "account.resumed",
             account=pause.account,
+            scope_region=pause.scope_region,
             by="probe",
             probe_code=probe_code,
             paused_code=lifted.code,
             failed_probes=lifted.failed_probes,
         )
-        self._forget(pause.account)
+        self._forget(pause.scope)
         return True
 
-    def _sync(self, current: set[str], accounts: Collection[str]) -> None:
-        # Only an account one round saw paused and the next one not is reported lifted: a pause
-        # the dispatcher adds while a round reads the table is never mistaken for a lift.
-        for account in sorted(self._seen - current):
-            if account in accounts:  # else only its lease went: nothing was lifted
-                log.info("account.resumed", account=account, by="elsewhere")
-            self._forget(account)
-        for account in sorted(current - self._seen):
-            self._seen.add(account)
-            self._notify(account, paused=True)
+    def _sync(self, current: set[Scope], accounts: Collection[str]) -> None:
+        # Only a pause one round saw and the next one not is reported lifted: a pause the
+        # dispatcher adds while a round reads the table is never mistaken for a lift.
+        for scope in sorted(self._seen - current, key=_order):
+            if scope[0] in accounts:  # else only its lease went: nothing was lifted
+                log.info("account.resumed", account=scope[0], scope_region=scope[1], by="elsewhere")
+            self._forget(scope)
+        for scope in sorted(current - self._seen, key=_order):
+            self._seen.add(scope)
+            self._notify(scope, paused=True)
 
-    def _forget(self, account: str) -> None:
-        self._seen.discard(account)
-        self._notify(account, paused=False)
+    def _forget(self, scope: Scope) -> None:
+        self._seen.discard(scope)
+        self._notify(scope, paused=False)
 
-    def _notify(self, account: str, *, paused: bool) -> None:
+    def _notify(self, scope: Scope, *, paused: bool) -> None:
         if self.on_change is not None:
-            self.on_change(account, paused)
+            account, region = scope
+            self.on_change(account, paused, region)
 
     def _accounts(self) -> Collection[str]:
         return self.ctx.clients.keys() if self.held is None else self.held()
@@ -170,6 +192,10 @@ class Prober:
                 waiter.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.gather(*waiters, return_exceptions=True)
+
+
+def _order(scope: Scope) -> tuple[str, str]:
+    return (scope[0], scope[1] or "")
 
 
 def _now() -> datetime:

@@ -56,15 +56,18 @@ SELECT j.image_id, j.account, j.region, j.policy_id, j.instance_id, j.id AS job_
        j.deadline, i.state
 FROM jobs j LEFT JOIN images i ON i.image_id = j.image_id
 WHERE j.state = 'waiting_image'
-  -- A paused account's API is left alone until it resumes (orchestrator.pauses).
-  AND NOT EXISTS (SELECT 1 FROM account_pauses ap WHERE ap.account = j.account)
+  -- A paused account's API is left alone until it resumes (orchestrator.pauses); a pause
+  -- covers the whole account (scope_region NULL) or one region (a CAM denial).
+  AND NOT EXISTS (SELECT 1 FROM account_pauses ap WHERE ap.account = j.account
+                  AND (ap.scope_region IS NULL OR ap.scope_region = j.region))
 UNION ALL
 SELECT i.image_id, i.account, i.region, i.policy_id, i.instance_id, NULL, i.name, i.slot,
        i.created_at, NULL, i.state
 FROM images i
 WHERE i.state = 'CREATING' AND i.deleted_at IS NULL
   AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.image_id = i.image_id AND j.state = 'waiting_image')
-  AND NOT EXISTS (SELECT 1 FROM account_pauses ap WHERE ap.account = i.account)
+  AND NOT EXISTS (SELECT 1 FROM account_pauses ap WHERE ap.account = i.account
+                  AND (ap.scope_region IS NULL OR ap.scope_region = i.region))
 """
 
 # The dispatcher records the image row with the job; the upsert also covers a job that reached

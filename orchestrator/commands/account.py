@@ -1,9 +1,10 @@
-"""`cvm-backup account list [--json]` and `account resume NAME`: paused accounts by hand.
+"""`cvm-backup account list [--json]` and `account resume NAME [--region R]`: pauses by hand.
 
-An account-wide error pauses the account in Postgres (orchestrator.pauses); the replica driving
-it probes it and resumes it by itself. These commands show the pauses and lift one at once,
-for an operator who just fixed the account and does not want to wait for the next probe. Both
-only touch the database: a running daemon picks the lift up within one poll interval.
+An account-class error pauses the account, or for a CAM denial only its region, in Postgres
+(orchestrator.pauses); the replica driving it probes it and resumes it by itself. These commands
+show the pauses and lift them at once, for an operator who just fixed the account and does not
+want to wait for the next probe. Both only touch the database: a running daemon picks the lift
+up within one poll interval.
 """
 
 from __future__ import annotations
@@ -31,6 +32,11 @@ def register(subparsers: Any) -> None:
         "resume", help="lift an account's pause now (after fixing balance, keys or permissions)"
     )
     resume.add_argument("name", metavar="NAME", help="account name ([[accounts]] name)")
+    resume.add_argument(
+        "--region",
+        metavar="REGION",
+        help="lift only the pause of this region (a CAM denial); default: every pause of NAME",
+    )
     resume.set_defaults(handler=run_resume)
 
 
@@ -50,14 +56,19 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def run_resume(args: argparse.Namespace) -> int:
-    """Lift the pause of NAME; exit 2 when it is not paused."""
-    lifted = asyncio.run(_resume(config.load(), args.name))
-    if lifted is None:
-        raise UsageError(f"account {args.name!r} is not paused (see `cvm-backup account list`)")
-    print(
-        f"account {args.name!r} resumed (paused since {lifted['since']} for {lifted['code']});"
-        " a running daemon claims its jobs again within one poll interval"
-    )
+    """Lift the pauses of NAME (of one region with --region); exit 2 when none matched."""
+    lifted = asyncio.run(_resume(config.load(), args.name, args.region))
+    if not lifted:
+        where = "" if args.region is None else f" in region {args.region!r}"
+        raise UsageError(
+            f"account {args.name!r} is not paused{where} (see `cvm-backup account list`)"
+        )
+    for pause in lifted:
+        scope = "" if pause["scope_region"] is None else f" in region {pause['scope_region']}"
+        print(
+            f"account {args.name!r} resumed{scope} (paused since {pause['since']} for"
+            f" {pause['code']}); a running daemon claims its jobs again within one poll interval"
+        )
     return EXIT_OK
 
 
@@ -71,16 +82,20 @@ async def _list(settings: config.Settings) -> list[dict[str, Any]]:
         await conn.close()
 
 
-async def _resume(settings: config.Settings, name: str) -> dict[str, Any] | None:
+async def _resume(settings: config.Settings, name: str, region: str | None) -> list[dict[str, Any]]:
     from orchestrator import pauses
 
     conn = await _connect(settings)
     try:
         # The events ledger records who lifted it (kind account.resumed, reason 'operator').
-        lifted = await pauses.resume(conn, name, "operator")
+        if region is None:
+            lifted = await pauses.resume_all(conn, name, "operator")
+        else:
+            one = await pauses.resume(conn, name, "operator", scope_region=region)
+            lifted = [] if one is None else [one]
     finally:
         await conn.close()
-    return None if lifted is None else lifted.to_json()
+    return [p.to_json() for p in lifted]
 
 
 async def _connect(settings: config.Settings) -> Any:

@@ -18,6 +18,10 @@ _AUTH = re.compile(
     rf"^{ALGORITHM} Credential=(?P<id>[^/]+)/(?P<date>[^/]+)/(?P<service>[^/]+)/tc3_request,"
     r"\s*SignedHeaders=(?P<signed>[^,]+),\s*Signature=(?P<signature>[0-9a-f]+)$"
 )
+# ASCII digits only (str.isdigit also takes superscripts and other scripts' digits), and few
+# enough for int() to be cheap: 5000 digits would exceed Python's int-parsing limit, and any
+# such time is far from now anyway.
+_TIMESTAMP = re.compile(r"[0-9]{1,18}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,11 +49,41 @@ def parse_authorization(value: str) -> Authorization:
     )
 
 
+def _expired() -> ApiError:
+    return ApiError(
+        "AuthFailure.SignatureExpire",
+        "Signature expired. Timestamp and server time cannot differ by more than five minutes.",
+    )
+
+
+def _signature_failure() -> ApiError:
+    return ApiError(
+        "AuthFailure.SignatureFailure",
+        "The provided credentials could not be validated. Please check your signature is correct.",
+    )
+
+
 def _timestamp(headers: Mapping[str, str]) -> int:
     raw = headers.get("X-TC-Timestamp", "")
-    if not raw.isdigit():
-        raise ApiError("MissingParameter", "The request is missing a valid `X-TC-Timestamp`.")
-    return int(raw)
+    if _TIMESTAMP.fullmatch(raw) is not None:
+        return int(raw)
+    if raw.isascii() and raw.isdigit():
+        raise _expired()
+    raise ApiError("MissingParameter", "The request is missing a valid `X-TC-Timestamp`.")
+
+
+def _date(timestamp: int) -> str:
+    try:
+        return utc_date(timestamp)
+    except (OverflowError, OSError, ValueError):
+        # Only reachable with a huge configured clock skew: no date, so no valid scope.
+        return ""
+
+
+def _same(given: str, expected: str) -> bool:
+    # compare_digest refuses non-ASCII str; header text may hold anything a client sent.
+    encode = "surrogateescape"
+    return hmac.compare_digest(given.encode("utf-8", encode), expected.encode("utf-8", encode))
 
 
 class Verifier:
@@ -77,11 +111,7 @@ class Verifier:
         auth = parse_authorization(headers.get("Authorization", ""))
         timestamp = _timestamp(headers)
         if abs(self._clock() - timestamp) > self._skew:
-            raise ApiError(
-                "AuthFailure.SignatureExpire",
-                "Signature expired. Timestamp and server time cannot differ by more than "
-                "five minutes.",
-            )
+            raise _expired()
         key = self._keys.get(auth.secret_id)
         if key is None:
             raise ApiError(
@@ -107,26 +137,27 @@ class Verifier:
         # The SDK's unsigned-payload mode hashes this literal instead of the body.
         if headers.get("X-TC-Content-SHA256") == "UNSIGNED-PAYLOAD":
             body = b"UNSIGNED-PAYLOAD"
-        expected = sign(
-            key,
-            service=auth.service,
-            host=headers.get("Host", ""),
-            timestamp=timestamp,
-            payload=body,
-            content_type=headers.get("Content-Type", ""),
-        )
-        scope_ok = auth.service == SERVICE and auth.date == utc_date(timestamp)
-        if not scope_ok or not hmac.compare_digest(expected.signature, auth.signature):
-            raise ApiError(
-                "AuthFailure.SignatureFailure",
-                "The provided credentials could not be validated. "
-                "Please check your signature is correct.",
+        if auth.service != SERVICE or auth.date != _date(timestamp):
+            raise _signature_failure()
+        try:
+            expected = sign(
+                key,
+                service=auth.service,
+                host=headers.get("Host", ""),
+                timestamp=timestamp,
+                payload=body,
+                content_type=headers.get("Content-Type", ""),
             )
+        except UnicodeError:
+            # Header bytes that are not UTF-8 cannot be what a client signed.
+            raise _signature_failure() from None
+        if not _same(auth.signature, expected.signature):
+            raise _signature_failure()
 
     def _check_token(self, secret_id: str, headers: Mapping[str, str]) -> None:
         # Temporary credentials come with a token; permanent ones ignore a stray header.
         expected = self._tokens.get(secret_id)
         if expected is None:
             return
-        if not hmac.compare_digest(headers.get("X-TC-Token", ""), expected):
+        if not _same(headers.get("X-TC-Token", ""), expected):
             raise ApiError("AuthFailure.TokenFailure", "The token is invalid or has expired.")

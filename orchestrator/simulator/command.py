@@ -46,6 +46,18 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--create-delay", type=_range, help="MIN:MAX seconds CREATING lasts")
     parser.add_argument("--quota", type=int, help="custom-image quota of every region")
     parser.add_argument(
+        "--delete-delay",
+        type=_seconds,
+        metavar="SECONDS",
+        help="a deleted image stays listed as DELETING this long",
+    )
+    parser.add_argument(
+        "--list-lag",
+        type=_seconds,
+        metavar="SECONDS",
+        help="a new image is missing from DescribeImages this long",
+    )
+    parser.add_argument(
         "--limit",
         action="append",
         default=[],
@@ -66,6 +78,16 @@ def _range(text: str) -> tuple[float, float]:
     if not 0 <= low <= high:
         raise argparse.ArgumentTypeError(f"expected 0 <= MIN <= MAX, got {text!r}")
     return low, high
+
+
+def _seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not 0 <= seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {text!r}")
+    return seconds
 
 
 def _limit(text: str) -> tuple[str, int | None]:
@@ -127,7 +149,13 @@ def build_config(args: argparse.Namespace) -> SimConfig:
         create_delay=args.create_delay or config.create_delay,
         default_quota=config.default_quota if args.quota is None else args.quota,
         legacy=config.legacy or args.legacy,
+        delete_delay=_given(args.delete_delay, config.delete_delay),
+        list_lag=_given(args.list_lag, config.list_lag),
     )
+
+
+def _given(flag: float | None, configured: float) -> float:
+    return configured if flag is None else flag
 
 
 async def serve(config: SimConfig, port: int) -> None:

@@ -37,8 +37,13 @@ INSTANCE_STATES = frozenset(
         "ENTER_SERVICE_LIVE_MIGRATE",
         "SERVICE_LIVE_MIGRATE",
         "EXIT_SERVICE_LIVE_MIGRATE",
+        # Not an InstanceStatus value of the docs: how the simulator shows an instance that is
+        # frozen (arrears, isolation), which CreateImage refuses with InstanceStateFreezing.
+        "FREEZING",
     }
 )
+CLOUD_DISK_TYPE = "CLOUD_PREMIUM"
+LOCAL_DISK_TYPES = frozenset({"LOCAL_BASIC", "LOCAL_SSD"})
 BEHAVIOURS = frozenset({"normal", "busy", "fail", "legacy"})
 
 
@@ -49,6 +54,8 @@ class SimInstance:
     `behaviour`: "busy" answers OperationDenied.InstanceOperationInProgress for `busy_seconds`
     after start (forever when 0), "fail" makes images that end CREATEFAILED, "legacy" answers
     CreateImage without ImageId. `account` None means the instance is visible to every account.
+    `data_disk_ids` are cloud disks (CLOUD_PREMIUM); `local_data_disk_ids` (`ldisk-...`) are
+    local disks of `local_disk_type`, which DescribeInstances lists but CreateImage refuses.
     """
 
     instance_id: str
@@ -64,6 +71,8 @@ class SimInstance:
     behaviour: str = "normal"
     busy_seconds: float = 0.0
     account: str | None = None
+    local_data_disk_ids: tuple[str, ...] = ()
+    local_disk_type: str = "LOCAL_BASIC"
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +139,14 @@ class SimConfig:
     #   while its name is already taken and it already counts against the quota.
     delete_delay: float = 0.0
     list_lag: float = 0.0
+    # Regions served: empty serves every well-formed region; otherwise these plus every region
+    # the fleet, the quota map or the seeded images name. Others answer InvalidParameterValue.
+    regions: tuple[str, ...] = ()
+    # region -> actions not offered there (answered with UnsupportedRegion).
+    actions_not_offered: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    # DescribeInstances `tag:KEY` filters answer InvalidParameterValue.TagKeyNotFound when no
+    # resource of the account carries KEY, as the real tag service does.
+    check_tag_keys: bool = False
 
     def limit(self, action: str) -> int | None:
         """The per-second limit of an action, None when unlimited."""

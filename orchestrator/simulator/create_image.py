@@ -39,6 +39,7 @@ _STATE_CODES = {
     "ENTER_SERVICE_LIVE_MIGRATE": "EnterServiceLiveMigrate",
     "SERVICE_LIVE_MIGRATE": "ServiceLiveMigrate",
     "EXIT_SERVICE_LIVE_MIGRATE": "ServiceLiveMigrate",
+    "FREEZING": "Freezing",
 }
 
 
@@ -150,6 +151,12 @@ def _check_disks(record: InstanceRecord, disk_ids: tuple[str, ...]) -> None:
             "InvalidParameter.DataDiskIdContainsRootDisk",
             "DataDiskIds must not contain the system disk.",
         )
+    local = [d for d in disk_ids if d in record.spec.local_data_disk_ids]
+    if local:
+        raise ApiError(
+            "InvalidParameter.LocalDataDiskNotSupport",
+            f"The data disk `{local[0]}` is a local disk; images cannot include local disks.",
+        )
     foreign = [d for d in disk_ids if d not in record.spec.data_disk_ids]
     if foreign:
         raise ApiError(
@@ -196,7 +203,7 @@ def _make(ctx: CallContext, request: CreateRequest, record: InstanceRecord) -> S
         legacy=state.legacy or record.spec.behaviour == "legacy",
         final_state="CREATEFAILED" if record.spec.behaviour == "fail" else "NORMAL",
     )
-    state.add_image(image, delay=state.draw_delay())
+    state.add_image(image, delay=state.draw_delay(), lag=state.config.list_lag)
     record.creating = image.image_id
     return image
 

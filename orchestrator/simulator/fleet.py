@@ -6,6 +6,12 @@ A fleet file holds a whole `SimConfig`; every key is optional:
     create_delay = [0.05, 0.2]      # seconds an image stays CREATING (uniform range)
     legacy = false                  # answer CreateImage without ImageId (older API)
     default_quota = 500
+    delete_delay = 2.0              # seconds a deleted image stays listed as DELETING
+    list_lag = 1.0                  # seconds a new image is missing from DescribeImages
+    regions = ["ap-guangzhou"]      # serve only these (and the fleet's); default: all
+    check_tag_keys = false          # tag:KEY filters of unknown keys answer TagKeyNotFound
+    [actions_not_offered]           # region = actions answering UnsupportedRegion there
+    ap-nanjing = ["CreateImage"]
     [credentials]                   # secret id = secret key; each secret id is an account
     AKIDexample = "secret"
     [limits]                        # calls per second; 0 lifts the limit
@@ -17,10 +23,15 @@ A fleet file holds a whole `SimConfig`; every key is optional:
     latency = [0.0, 0.05]
     [generate]                      # N generated instances (see generate_fleet)
     count = 300
+    local_disks = 1                 # local data disks per instance, on a share of them
+    local_share = 0.1
     [[instances]]
     id = "ins-6pb6lrmy"
     tags = { backup = "nightly" }
     behaviour = "busy"              # normal | busy | fail | legacy
+    data_disks = ["disk-a1"]        # cloud disks
+    local_data_disks = ["ldisk-a1"] # local disks: listed, but CreateImage refuses them
+    local_disk_type = "LOCAL_SSD"   # LOCAL_BASIC (default) | LOCAL_SSD
     [[images]]                      # images that exist already and are not ours
     id = "img-0yc6rie8"
     name = "golden-base"
@@ -42,6 +53,7 @@ from orchestrator.simulator.config import (
     BEHAVIOURS,
     DEFAULT_REGION,
     INSTANCE_STATES,
+    LOCAL_DISK_TYPES,
     Faults,
     SimConfig,
     SimImageSeed,
@@ -69,6 +81,24 @@ def _behaviour(rng: random.Random, shares: Mapping[str, float]) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class LocalDisks:
+    """Local data disks of a generated fleet: `count` per instance on a `share` of instances."""
+
+    count: int = 0
+    share: float = 1.0
+    disk_type: str = "LOCAL_BASIC"
+
+    def has(self, index: int) -> bool:
+        """Whether the index-th instance gets local disks."""
+        # Spread evenly by index (no RNG draw, so fleets without local disks stay identical).
+        return self.count > 0 and int((index + 1) * self.share) > int(index * self.share)
+
+    def ids(self, index: int, suffix: str) -> tuple[str, ...]:
+        """The local disk ids of the index-th instance."""
+        return tuple(f"ldisk-{suffix}l{n}" for n in range(self.count)) if self.has(index) else ()
+
+
+@dataclass(frozen=True, slots=True)
 class _Template:
     """What every generated instance shares."""
 
@@ -76,6 +106,7 @@ class _Template:
     tags: dict[str, str]
     data_disks: int
     account: str | None
+    local: LocalDisks
 
     def instance(self, index: int, instance_id: str, behaviour: str) -> SimInstance:
         """The index-th instance of the fleet."""
@@ -92,6 +123,8 @@ class _Template:
             system_disk_id=f"disk-{suffix}",
             behaviour=behaviour,
             account=self.account,
+            local_data_disk_ids=self.local.ids(index, suffix),
+            local_disk_type=self.local.disk_type,
         )
 
 
@@ -104,15 +137,21 @@ def generate_fleet(
     data_disks: int = 0,
     behaviours: Mapping[str, float] | None = None,
     account: str | None = None,
+    local_disks: int = 0,
+    local_share: float = 1.0,
+    local_disk_type: str = "LOCAL_BASIC",
 ) -> tuple[SimInstance, ...]:
     """N deterministic instances spread over regions and zones.
 
     Each carries `tags` (default `backup=daily`) plus a `role` tag cycling web/db/cache/batch;
     `behaviours` gives the share of busy/fail/legacy instances (the rest are normal).
+    `data_disks` cloud disks each; `local_disks` local disks of `local_disk_type` on an evenly
+    spread `local_share` of the instances.
     """
     rng = random.Random(seed)
     base_tags = dict(tags) if tags is not None else {"backup": "daily"}
-    template = _Template(regions, base_tags, data_disks, account)
+    local = LocalDisks(local_disks, local_share, local_disk_type)
+    template = _Template(regions, base_tags, data_disks, account, local)
     return tuple(
         template.instance(i, instance_id, _behaviour(rng, behaviours or {}))
         for i, instance_id in enumerate(_ids(rng, "ins-", count))
@@ -205,6 +244,8 @@ def _instance(reader: _Reader) -> SimInstance:
         raise reader.fail("behaviour", f"expected one of {sorted(BEHAVIOURS)}")
     region = reader.get("region", str, DEFAULT_REGION)
     return SimInstance(
+        local_data_disk_ids=tuple(reader.get("local_data_disks", list, [])),
+        local_disk_type=_local_disk_type(reader),
         instance_id=instance_id,
         name=reader.get("name", str, ""),
         region=region,
@@ -219,6 +260,13 @@ def _instance(reader: _Reader) -> SimInstance:
         busy_seconds=float(reader.get("busy_seconds", (int, float), 0.0)),
         account=reader.get("account", str, None),
     )
+
+
+def _local_disk_type(reader: _Reader) -> str:
+    disk_type: str = reader.get("local_disk_type", str, "LOCAL_BASIC")
+    if disk_type not in LOCAL_DISK_TYPES:
+        raise reader.fail("local_disk_type", f"expected one of {sorted(LOCAL_DISK_TYPES)}")
+    return disk_type
 
 
 def _image(reader: _Reader) -> SimImageSeed:
@@ -255,7 +303,31 @@ def _generated_from(reader: _Reader, seed: int) -> tuple[SimInstance, ...]:
         tags=gen.strings("tags") or None,
         data_disks=gen.get("data_disks", int, 0),
         behaviours={k: float(v) for k, v in gen.get("behaviours", dict, {}).items()},
+        local_disks=gen.get("local_disks", int, 0),
+        local_share=_share(gen, "local_share"),
+        local_disk_type=_local_disk_type(gen),
     )
+
+
+def _share(reader: _Reader, key: str) -> float:
+    share = float(reader.get(key, (int, float), 1.0))
+    if not 0.0 <= share <= 1.0:
+        raise reader.fail(key, "expected a share between 0 and 1")
+    return share
+
+
+def _seconds(reader: _Reader, key: str) -> float:
+    seconds = float(reader.get(key, (int, float), 0.0))
+    if seconds < 0:
+        raise reader.fail(key, "expected seconds >= 0")
+    return seconds
+
+
+def _not_offered(reader: _Reader) -> dict[str, tuple[str, ...]]:
+    table = reader.get("actions_not_offered", dict, {})
+    if not all(isinstance(v, list) and all(isinstance(a, str) for a in v) for v in table.values()):
+        raise reader.fail("actions_not_offered", "expected region = [action, ...]")
+    return {region: tuple(actions) for region, actions in table.items()}
 
 
 def config_from_mapping(data: Mapping[str, Any], path: Path) -> SimConfig:
@@ -279,6 +351,11 @@ def config_from_mapping(data: Mapping[str, Any], path: Path) -> SimConfig:
         seed=seed,
         legacy=top.get("legacy", bool, False),
         clock_skew=float(top.get("clock_skew", (int, float), 300.0)),
+        delete_delay=_seconds(top, "delete_delay"),
+        list_lag=_seconds(top, "list_lag"),
+        regions=tuple(top.get("regions", list, [])),
+        actions_not_offered=_not_offered(top),
+        check_tag_keys=top.get("check_tag_keys", bool, False),
     )
 
 
@@ -302,6 +379,11 @@ def config_to_mapping(config: SimConfig) -> dict[str, Any]:
         "create_delay": list(config.create_delay),
         "clock_skew": config.clock_skew,
         "default_quota": config.default_quota,
+        "delete_delay": config.delete_delay,
+        "list_lag": config.list_lag,
+        "regions": list(config.regions),
+        "actions_not_offered": {r: list(a) for r, a in config.actions_not_offered.items()},
+        "check_tag_keys": config.check_tag_keys,
         "credentials": dict(config.credentials),
         "tokens": dict(config.tokens),
         "limits": {a: n or 0 for a, n in config.limits.items()},
@@ -331,6 +413,8 @@ def _instance_mapping(spec: SimInstance) -> dict[str, Any]:
         "created": spec.created_time,
         "behaviour": spec.behaviour,
         "busy_seconds": spec.busy_seconds,
+        "local_data_disks": list(spec.local_data_disk_ids),
+        "local_disk_type": spec.local_disk_type,
     }
     return data if spec.account is None else {**data, "account": spec.account}
 

@@ -61,6 +61,11 @@ def _select(ctx: CallContext, params: Params) -> list[SimImage]:
     return found[::-1]
 
 
+def _listed(ctx: CallContext, params: Params) -> list[SimImage]:
+    # Images made less than list_lag ago exist (name, quota) but are not listed yet.
+    return ctx.state.listed(_select(ctx, params))
+
+
 def describe_images(ctx: CallContext, body: Json) -> Json:
     """DescribeImages: the account's custom images, newest first, by ids or filters."""
     params = Params(body, {"ImageIds", "Filters", "Offset", "Limit", "InstanceType"})
@@ -70,7 +75,7 @@ def describe_images(ctx: CallContext, body: Json) -> Json:
             "ImageIds and Filters cannot be given together.",
         )
     offset, limit = page_bounds(params)
-    found = _select(ctx, params)
+    found = _listed(ctx, params)
     return {
         "ImageSet": [image_json(i) for i in found[offset : offset + limit]],
         "TotalCount": len(found),
@@ -94,7 +99,7 @@ def _deletable(ctx: CallContext, ids: list[str]) -> list[SimImage]:
 
 
 def delete_images(ctx: CallContext, body: Json) -> Json:
-    """DeleteImages: all or nothing; refuses images that are still being made."""
+    """DeleteImages: all or nothing; refuses images still being made or being deleted."""
     params = Params(body, {"ImageIds", "DeleteBindedSnap", "DryRun"})
     ids = _image_ids(params)
     if not ids:

@@ -6,7 +6,7 @@ from orchestrator.simulator.apierror import ApiError
 from orchestrator.simulator.context import CallContext, Json
 from orchestrator.simulator.filters import instance_filter
 from orchestrator.simulator.images import page_bounds
-from orchestrator.simulator.params import Params
+from orchestrator.simulator.params import Filters, Params
 from orchestrator.simulator.records import InstanceRecord
 from orchestrator.simulator.render import instance_json
 
@@ -27,6 +27,17 @@ def _by_ids(ctx: CallContext, ids: list[str]) -> list[InstanceRecord]:
     return [record for record in found if record is not None]
 
 
+def _check_tag_keys(ctx: CallContext, filters: Filters) -> None:
+    if not ctx.state.config.check_tag_keys:
+        return
+    for name, _ in filters:
+        key = name[4:]
+        if name.startswith("tag:") and key and not ctx.state.has_tag_key(ctx.account, key):
+            raise ApiError(
+                "InvalidParameterValue.TagKeyNotFound", f"The tag key `{key}` is not found."
+            )
+
+
 def describe_instances(ctx: CallContext, body: Json) -> Json:
     """DescribeInstances: the account's instances in the region, by ids or filters."""
     params = Params(body, {"InstanceIds", "Filters", "Offset", "Limit"})
@@ -38,7 +49,9 @@ def describe_instances(ctx: CallContext, body: Json) -> Json:
     if params.has("InstanceIds"):
         found = _by_ids(ctx, params.texts("InstanceIds"))
     else:
-        keep = instance_filter(params.filters())
+        filters = params.filters()
+        _check_tag_keys(ctx, filters)
+        keep = instance_filter(filters)
         found = [r for r in ctx.state.visible_instances(ctx.account, ctx.region) if keep(r)]
     return {
         "TotalCount": len(found),

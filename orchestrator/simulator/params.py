@@ -21,6 +21,9 @@ def parse_body(raw: bytes) -> dict[str, Any]:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError("InvalidParameter", f"The request body is not valid JSON: {exc}.") from None
+    except RecursionError:
+        # Deeply nested arrays or objects exhaust the parser's stack: refuse, do not crash.
+        raise ApiError("InvalidParameter", "The request body is nested too deeply.") from None
     if not isinstance(body, dict):
         raise ApiError("InvalidParameter", "The request body must be a JSON object.")
     return body

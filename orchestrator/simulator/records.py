@@ -8,8 +8,9 @@ from typing import Any
 
 from orchestrator.simulator.config import SimInstance
 
-# States in which DeleteImages refuses an image (Chinese DeleteImages docstring).
-UNDELETABLE = frozenset({"CREATING", "SYNCING", "IMPORTING"})
+# States in which DeleteImages refuses an image (Chinese DeleteImages docstring); DELETING is
+# refused too: a listed-but-deleting image must not be deleted again (reference §9).
+UNDELETABLE = frozenset({"CREATING", "SYNCING", "IMPORTING", "DELETING"})
 
 
 def iso(epoch: float) -> str:
@@ -72,6 +73,8 @@ class InstanceRecord:
     state: str
     busy_until: float = 0.0
     creating: str | None = None
+    # When a short-lived state (Simulator.set_instance_state with seconds) ends; 0 for none.
+    revert_at: float = 0.0
 
     def visible_to(self, account: str, region: str) -> bool:
         """Whether an account sees this instance in a region."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from orchestrator.simulator.config import CLOUD_DISK_TYPE
 from orchestrator.simulator.records import InstanceRecord, SimImage
 
 Json = dict[str, Any]
@@ -57,11 +58,14 @@ def image_json(image: SimImage) -> Json:
     }
 
 
+def _disk(disk_id: str, disk_type: str) -> Json:
+    return {"DiskType": disk_type, "DiskId": disk_id, "DiskSize": DATA_DISK_GIB}
+
+
 def _data_disks(record: InstanceRecord) -> list[Json] | None:
-    disks = [
-        {"DiskType": "CLOUD_PREMIUM", "DiskId": disk, "DiskSize": DATA_DISK_GIB}
-        for disk in record.spec.data_disk_ids
-    ]
+    spec = record.spec
+    disks = [_disk(d, CLOUD_DISK_TYPE) for d in spec.data_disk_ids]
+    disks += [_disk(d, spec.local_disk_type) for d in spec.local_data_disk_ids]
     # The real API answers null, not [], for an instance without data disks.
     return disks or None
 
@@ -79,7 +83,7 @@ def instance_json(record: InstanceRecord) -> Json:
         "InstanceName": spec.name,
         "InstanceChargeType": "POSTPAID_BY_HOUR",
         "SystemDisk": {
-            "DiskType": "CLOUD_PREMIUM",
+            "DiskType": CLOUD_DISK_TYPE,
             "DiskId": system_disk_id(record),
             "DiskSize": SYSTEM_DISK_GIB,
         },

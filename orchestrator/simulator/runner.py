@@ -81,25 +81,32 @@ class Simulator:
         self.state.create_delay = (low, high)
 
     def set_account_error(
-        self, code: str | None, actions: Iterable[str] = ("CreateImage",)
+        self,
+        code: str | None,
+        actions: Iterable[str] = ("CreateImage",),
+        *,
+        region: str | None = None,
+        account: str | None = None,
     ) -> None:
-        """Make `actions` answer an account-wide error (e.g. InsufficientBalance); None lifts it.
+        """Make `actions` answer an error (e.g. InsufficientBalance); None lifts it.
 
-        Applies to every account, DryRuns included, after the signature is checked.
+        Without `region`/`account` it applies everywhere; with them, like a scoped CAM policy,
+        only to that region and/or account (secret id). It applies to DryRuns too, after the
+        signature is checked. None lifts exactly the refusal of the same scope.
         """
         for action in actions:
-            if code is None:
-                self.state.account_errors.pop(action, None)
-            else:
-                self.state.account_errors[action] = code
+            self.state.denials.set((account, region, action), code)
 
     def set_busy(self, instance_id: str, seconds: float) -> None:
         """Make an instance busy (InstanceOperationInProgress) for a while."""
         self.state.set_busy(instance_id, seconds)
 
-    def set_instance_state(self, instance_id: str, state: str) -> None:
-        """Change an instance's state."""
-        self.state.set_instance_state(instance_id, state)
+    def set_instance_state(
+        self, instance_id: str, state: str, *, seconds: float = 0.0, then: str = "RUNNING"
+    ) -> None:
+        """Change an instance's state; with `seconds` (e.g. RESCUE_MODE, SERVICE_LIVE_MIGRATE,
+        FREEZING) it lasts that long and then the instance is `then` again."""
+        self.state.set_instance_state(instance_id, state, seconds, then)
 
     def add_instance(self, spec: SimInstance) -> None:
         """Add an instance to the fleet."""

@@ -19,6 +19,7 @@ from orchestrator.simulator.apierror import ApiError
 from orchestrator.simulator.auth import Verifier
 from orchestrator.simulator.context import Action, CallContext, Json
 from orchestrator.simulator.create_image import create_image
+from orchestrator.simulator.denials import message
 from orchestrator.simulator.faults import Decision, Fault, FaultInjector
 from orchestrator.simulator.images import delete_images, describe_image_quota, describe_images
 from orchestrator.simulator.instances import describe_instances
@@ -39,12 +40,7 @@ API_VERSION = "2017-03-12"
 DROPPED = "DROPPED"
 HTTP_5XX = 502
 STATE_KEY = web.AppKey("sim_state", SimState)
-# Messages of the account-wide refusals `Simulator.set_account_error` injects (reference §4).
-ACCOUNT_MESSAGES = {
-    "InvalidAccount.InsufficientBalance": "Insufficient account balance.",
-    "UnauthorizedOperation.PermissionDenied": "The CAM policy does not allow this operation.",
-    "AuthFailure.UnauthorizedOperation": "The request is not authorized.",
-}
+MAX_BODY = 1024 * 1024
 
 
 def _answer(fields: Json, request_id: str) -> web.Response:
@@ -85,8 +81,8 @@ class ApiHandler:
             action=request.headers.get("X-TC-Action", ""),
             region=request.headers.get("X-TC-Region", ""),
         )
-        body = await request.read()
         try:
+            body = await _read(request)
             decision = self._admit(call, body)
         except ApiError as error:
             return self._reply_error(call, error)
@@ -103,10 +99,10 @@ class ApiHandler:
         version = call.request.headers.get("X-TC-Version", "")
         if version != API_VERSION:
             raise ApiError("NoSuchVersion", f"The API version `{version}` does not exist.")
-        refusal = self._state.account_error(call.action)
+        refusal = self._state.account_error(call.action, call.account, call.region)
         if refusal is not None:
-            # Like Tencent: an account-wide refusal comes after authentication, before any work.
-            raise ApiError(refusal, ACCOUNT_MESSAGES.get(refusal, "The account is not allowed."))
+            # Like Tencent: a refusal comes after authentication, before any work.
+            raise ApiError(refusal, message(refusal, call.action, call.region))
         self._state.windows.admit(call.account, call.action)
         return self._faults.decide(call.action)
 
@@ -128,6 +124,7 @@ class ApiHandler:
             raise ApiError(
                 "MissingParameter", "The request is missing a required parameter `Region`."
             )
+        self._state.regions.check(call.region, call.action)
         context = CallContext(state=self._state, account=call.account, region=call.region)
         return ACTIONS[call.action](context, parse_body(body))
 
@@ -155,6 +152,16 @@ class ApiHandler:
         )
 
 
+async def _read(request: web.Request) -> bytes:
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        # The API's own answer rather than aiohttp's bare 413.
+        raise ApiError(
+            "RequestSizeLimitExceeded", f"The request body exceeds {MAX_BODY} bytes."
+        ) from None
+
+
 def _drop(request: web.Request) -> web.StreamResponse:
     # Closing the transport before anything is written looks, to the client, like a server
     # that died mid-call: no status line, no body.
@@ -175,7 +182,7 @@ async def state_view(request: web.Request) -> web.Response:
 
 def build_app(state: SimState, verifier: Verifier, faults: FaultInjector) -> web.Application:
     """The aiohttp application of one simulator."""
-    app = web.Application(client_max_size=1024 * 1024)
+    app = web.Application(client_max_size=MAX_BODY)
     app[STATE_KEY] = state
     app.router.add_post("/", ApiHandler(state, verifier, faults).handle)
     app.router.add_get("/_sim/state", state_view)

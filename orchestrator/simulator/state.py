@@ -1,23 +1,27 @@
 """The simulated account data and everything observed about the calls made against it.
 
-Image transitions are lazy: each CREATING image has a due time on a heap, and every read first
-settles what is due, so thousands of images cost no timers. The store is touched only from the
-event loop thread; tests read it in-process between awaits.
+Transitions are lazy (timeline.py): an image's CREATING end, its appearance in listings
+(`list_lag`), its DELETING end (`delete_delay`) and an instance's return from a short-lived
+state wait on a heap, and every read first settles what is due. The store is touched only from
+the event loop thread; tests read it in-process between awaits.
 """
 
 from __future__ import annotations
 
-import heapq
 import random
 import string
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 from orchestrator.simulator.config import SimConfig, SimImageSeed, SimInstance
+from orchestrator.simulator.denials import Denials
 from orchestrator.simulator.ratelimit import RateWindows
 from orchestrator.simulator.records import Call, Deletion, InstanceRecord, SimImage, iso
+from orchestrator.simulator.regions import Regions
+from orchestrator.simulator.timeline import Timeline
 
 _ID_ALPHABET = string.ascii_lowercase + string.digits
 NameKey = tuple[str, str, str]
@@ -39,8 +43,9 @@ class SimState:
         self.legacy = config.legacy
         self.quota = dict(config.quota)
         self.deletions: list[Deletion] = []
-        # Account-wide refusals injected by tests (`Simulator.set_account_error`): action -> code.
-        self.account_errors: dict[str, str] = {}
+        # Refusals injected by tests (`Simulator.set_account_error`), scoped like CAM.
+        self.denials = Denials()
+        self.regions = Regions(config)
         self.calls: list[Call] = []
         self.duplicates: list[str] = []
         self._wall = wall
@@ -52,7 +57,12 @@ class SimState:
         self._names_ever: Counter[NameKey] = Counter()
         # (account, region, tag key, tag value) -> live images: tag filters skip full scans.
         self._tagged: dict[tuple[str, str, str, str], dict[str, SimImage]] = {}
-        self._pending: list[tuple[float, int, str]] = []
+        self._timeline = Timeline()
+        # Images made but not yet listed by DescribeImages (list_lag).
+        self._unlisted: set[str] = set()
+        # Tag keys the account's resources carry (None: instances every account sees). The tag
+        # service keeps a key once created, so the sets only grow.
+        self._tag_keys: dict[str | None, set[str]] = {}
         self._seq = 0
         self._start = mono()
         self.instances = {spec.instance_id: self._record(spec) for spec in config.instances}
@@ -84,6 +94,7 @@ class SimState:
         busy_until = 0.0
         if spec.behaviour == "busy":
             busy_until = self._start + spec.busy_seconds if spec.busy_seconds else float("inf")
+        self._tag_keys.setdefault(spec.account, set()).update(spec.tags)
         return InstanceRecord(spec=spec, state=spec.state, busy_until=busy_until)
 
     def instance(self, account: str, region: str, instance_id: str) -> InstanceRecord | None:
@@ -94,27 +105,39 @@ class SimState:
 
     def visible_instances(self, account: str, region: str) -> list[InstanceRecord]:
         """The instances of an account in a region, in fleet order."""
+        self.refresh()
         return [r for r in self.instances.values() if r.visible_to(account, region)]
 
     def add_instance(self, spec: SimInstance) -> None:
         """Add (or replace) an instance while running."""
         self.instances[spec.instance_id] = self._record(spec)
+        self.regions.serve(spec.region)
 
     def remove_instance(self, instance_id: str) -> None:
         """Make an instance disappear, as a terminated one does."""
         self.instances.pop(instance_id, None)
 
-    def set_instance_state(self, instance_id: str, state: str) -> None:
-        """Change an instance's state (RUNNING, STOPPED, TERMINATING, REBOOTING ...)."""
-        self.instances[instance_id].state = state
+    def set_instance_state(
+        self, instance_id: str, state: str, seconds: float = 0.0, then: str = "RUNNING"
+    ) -> None:
+        """Change an instance's state; with `seconds`, only that long, then it becomes `then`."""
+        record = self.instances[instance_id]
+        record.state = state
+        record.revert_at = self.mono() + seconds if seconds else 0.0
+        if seconds:
+            self._timeline.at(record.revert_at, partial(_revert, record, record.revert_at, then))
 
     def set_busy(self, instance_id: str, seconds: float) -> None:
         """Make an instance answer InstanceOperationInProgress for a while (0 ends it)."""
         self.instances[instance_id].busy_until = self.mono() + seconds if seconds else 0.0
 
-    def account_error(self, action: str) -> str | None:
-        """The account-wide error code injected for `action`, if any."""
-        return self.account_errors.get(action)
+    def account_error(self, action: str, account: str = "", region: str = "") -> str | None:
+        """The refusal injected for this call of `action`, if any."""
+        return self.denials.code(account, region, action)
+
+    def has_tag_key(self, account: str, key: str) -> bool:
+        """Whether any resource the account can see carries tag `key` (now or before)."""
+        return key in self._tag_keys.get(account, ()) or key in self._tag_keys.get(None, ())
 
     # -- images -------------------------------------------------------------------------------
 
@@ -146,8 +169,8 @@ class SimState:
         low, high = self.create_delay
         return self._rng.uniform(low, high)
 
-    def add_image(self, image: SimImage, delay: float | None) -> None:
-        """Store an image; with a delay it is CREATING until then."""
+    def add_image(self, image: SimImage, delay: float | None, lag: float = 0.0) -> None:
+        """Store an image; with a delay it is CREATING until then, with a lag it is unlisted."""
         self._seq += 1
         image.seq = self._seq
         self._images[image.image_id] = image
@@ -159,25 +182,39 @@ class SimState:
             self.duplicates.append(image.name)
         for tag in image.tags.items():
             self._tagged.setdefault((image.account, image.region, *tag), {})[image.image_id] = image
+        self._tag_keys.setdefault(image.account, set()).update(image.tags)
         if delay is not None:
-            heapq.heappush(self._pending, (self.mono() + delay, image.seq, image.image_id))
+            self._timeline.at(self.mono() + delay, partial(self._finish, image))
+        if lag > 0:
+            self._unlisted.add(image.image_id)
+            self._timeline.at(self.mono() + lag, partial(self._unlisted.discard, image.image_id))
 
     def delete_image(self, image: SimImage, delete_binded_snap: bool) -> None:
-        """Remove an image, keeping its record and the deletion."""
+        """Delete an image: gone at once, or DELETING for `delete_delay` seconds first.
+
+        The deletion is recorded when DeleteImages answers; the record of the image stays.
+        """
         at = iso(self.now())
-        image.deleted_time = at
+        self.deletions.append(Deletion(image.image_id, image.account, delete_binded_snap, at))
+        delay = self.config.delete_delay
+        if delay <= 0:
+            self._remove(image, at)
+            return
+        # Still listed, still holding its name and its quota slot, until it is gone.
+        image.state = "DELETING"
+        self._timeline.at(self.mono() + delay, partial(self._remove, image, None))
+
+    def _remove(self, image: SimImage, at: str | None) -> None:
+        image.deleted_time = at or iso(self.now())
         del self._live[(image.account, image.region)][image.image_id]
         self._names.pop((image.account, image.region, image.name), None)
         for tag in image.tags.items():
             self._tagged[(image.account, image.region, *tag)].pop(image.image_id, None)
-        self.deletions.append(Deletion(image.image_id, image.account, delete_binded_snap, at))
+        self._unlisted.discard(image.image_id)
 
     def refresh(self) -> None:
-        """Settle every CREATING image whose time has come."""
-        now = self.mono()
-        while self._pending and self._pending[0][0] <= now:
-            _, _, image_id = heapq.heappop(self._pending)
-            self._finish(self._images[image_id])
+        """Settle every transition whose time has come."""
+        self._timeline.run_due(self.mono())
 
     def _finish(self, image: SimImage) -> None:
         if image.state == "CREATING":
@@ -187,9 +224,14 @@ class SimState:
             record.creating = None
 
     def live_images(self, account: str, region: str) -> dict[str, SimImage]:
-        """The account's existing images in a region, oldest first."""
+        """The account's existing images in a region, oldest first (unlisted ones included)."""
         self.refresh()
         return self._live.get((account, region), {})
+
+    def listed(self, images: list[SimImage]) -> list[SimImage]:
+        """`images` without those DescribeImages does not show yet (list_lag)."""
+        unlisted = self._unlisted
+        return [i for i in images if i.image_id not in unlisted] if unlisted else images
 
     def tagged(self, account: str, region: str, key: str, values: list[str]) -> list[SimImage]:
         """Live images carrying tag `key` with any of `values`, oldest first."""
@@ -259,3 +301,10 @@ class SimState:
         if include_calls:
             body["calls"] = [c.to_json() for c in self.calls]
         return body
+
+
+def _revert(record: InstanceRecord, due: float, state: str) -> None:
+    # A later set_instance_state replaced this short-lived state: leave the record alone.
+    if record.revert_at == due:
+        record.state = state
+        record.revert_at = 0.0

@@ -212,6 +212,7 @@ class CvmClient:
             try:
                 response = await self._attempt(action, region, payload, guard)
             except TencentError as exc:
+                exc.action = action
                 attempt = tally.attempt
                 delay = self._retry_delay(action, exc, tally)
                 self._log_error(action, region, exc, attempt, delay)

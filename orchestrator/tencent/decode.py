@@ -6,11 +6,13 @@ decoding failures become the transient `InvalidResponse` error rather than a cra
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from orchestrator.tencent.errors import TencentError
 from orchestrator.tencent.models import (
+    DataDisk,
     Image,
     ImagePage,
     Instance,
@@ -36,12 +38,24 @@ def tags(items: Any) -> tuple[Tag, ...]:
     return tuple(Tag(str(t["Key"]), _str(t.get("Value"))) for t in items or ())
 
 
+# What a state we cannot read becomes: recordable (the images table takes [A-Z_]+), never
+# deletable and never "ready", so a job with such an image keeps waiting instead of failing.
+UNKNOWN_STATE = "UNKNOWN"
+_STATE_RE = re.compile(r"[A-Z][A-Z_]{0,31}")
+
+
+def image_state(value: Any) -> str:
+    """An ImageState normalised for every reader: upper-case letters and '_', else UNKNOWN."""
+    text = value.strip().upper() if isinstance(value, str) else ""
+    return text if _STATE_RE.fullmatch(text) else UNKNOWN_STATE
+
+
 def image(data: Json) -> Image:
     """One `Image` of a DescribeImages answer."""
     return Image(
         image_id=str(data["ImageId"]),
         name=_str(data.get("ImageName")),
-        state=_str(data.get("ImageState")),
+        state=image_state(data.get("ImageState")),
         image_type=_str(data.get("ImageType")),
         created_time=parse_time(data.get("CreatedTime")),
         size_gib=_opt_int(data.get("ImageSize")),
@@ -50,16 +64,24 @@ def image(data: Json) -> Image:
     )
 
 
+def data_disks(items: Any) -> tuple[DataDisk, ...]:
+    """The `DataDisks` of an instance that have an id, each with its `DiskType`."""
+    return tuple(
+        DataDisk(str(d["DiskId"]), _str(d.get("DiskType"))) for d in items or () if d.get("DiskId")
+    )
+
+
 def instance(data: Json) -> Instance:
-    """One `Instance` of a DescribeInstances answer."""
-    disks = data.get("DataDisks") or ()
+    """One `Instance` of a DescribeInstances answer; local data disks are kept apart."""
+    disks = data_disks(data.get("DataDisks"))
     return Instance(
         instance_id=str(data["InstanceId"]),
         name=_str(data.get("InstanceName")),
         state=_str(data.get("InstanceState")),
         tags=tags(data.get("Tags")),
-        data_disk_ids=tuple(str(d["DiskId"]) for d in disks if d.get("DiskId")),
+        data_disk_ids=tuple(d.disk_id for d in disks if d.imageable),
         os_name=_str(data.get("OsName")),
+        left_out_disks=tuple(d for d in disks if not d.imageable),
     )
 
 

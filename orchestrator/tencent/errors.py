@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from datetime import datetime
 
 
 class ErrorClass(enum.StrEnum):
@@ -25,6 +26,14 @@ _EXACT: dict[str, ErrorClass] = {
     "UnsupportedOperation.InstanceStateRebooting": ErrorClass.BUSY,
     "UnsupportedOperation.InstanceStateStopping": ErrorClass.BUSY,
     "UnsupportedOperation.InstanceStateStarting": ErrorClass.BUSY,
+    # Short-lived states (reference §9): rescue mode is an operator's few minutes, live
+    # migration and freezing are the platform's; the instance comes back by itself.
+    "UnsupportedOperation.InstanceStateEnterRescueMode": ErrorClass.BUSY,
+    "UnsupportedOperation.InstanceStateRescueMode": ErrorClass.BUSY,
+    "UnsupportedOperation.InstanceStateExitRescueMode": ErrorClass.BUSY,
+    "UnsupportedOperation.InstanceStateEnterServiceLiveMigrate": ErrorClass.BUSY,
+    "UnsupportedOperation.InstanceStateServiceLiveMigrate": ErrorClass.BUSY,
+    "UnsupportedOperation.InstanceStateFreezing": ErrorClass.BUSY,
     "FailedOperation.InvalidImageState": ErrorClass.BUSY,
     "InvalidParameterValue.InvalidImageState": ErrorClass.BUSY,
     "InternalServerError": ErrorClass.TRANSIENT,
@@ -50,6 +59,38 @@ _PREFIXES: tuple[tuple[str, ErrorClass], ...] = (
 )
 
 
+class PauseScope(enum.StrEnum):
+    """How much of an account an ACCOUNT-class answer stops."""
+
+    ACCOUNT = "account"  # balance, keys, signature: every region of the account
+    REGION = "region"  # a CAM denial: only the (account, region) it came from
+
+
+# CAM policies can be scoped per region, resource and tag (reference §9): a denial in one
+# region says nothing about the others. These UnauthorizedOperation codes are about the
+# credentials themselves (a session token, MFA), not a policy, so they stop the whole account.
+_CREDENTIAL_DENIALS = frozenset(
+    {
+        "UnauthorizedOperation.InvalidToken",
+        "UnauthorizedOperation.MFAExpired",
+        "UnauthorizedOperation.MFANotFound",
+    }
+)
+# The common code of a CAM denial (reference §4.3), classed with AuthFailure.* by its prefix.
+_CAM_AUTH_FAILURE = "AuthFailure.UnauthorizedOperation"
+# The request's timestamp is too far from the server's clock: the clock is wrong, not the keys.
+SIGNATURE_EXPIRE = "AuthFailure.SignatureExpire"
+
+
+def pause_scope(code: str) -> PauseScope:
+    """What an ACCOUNT-class code pauses: the region for a CAM denial, else the account."""
+    if code == _CAM_AUTH_FAILURE:
+        return PauseScope.REGION
+    if code.startswith("UnauthorizedOperation") and code not in _CREDENTIAL_DENIALS:
+        return PauseScope.REGION
+    return PauseScope.ACCOUNT
+
+
 def classify(code: str) -> ErrorClass:
     """The class of an error code; unknown codes are permanent."""
     if found := _EXACT.get(code):
@@ -66,11 +107,25 @@ class TencentError(Exception):
     Carries only the code, message and request id: never the request, its headers or keys.
     """
 
-    def __init__(self, code: str, message: str, request_id: str | None = None) -> None:
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        request_id: str | None = None,
+        *,
+        server_date: datetime | None = None,
+        received_at: datetime | None = None,
+    ) -> None:
         super().__init__(code, message, request_id)
         self.code = code
         self.message = message
         self.request_id = request_id
+        # The answer's HTTP `Date` and our clock when it arrived: a SignatureExpire is
+        # explained by how far apart they are (`explain`).
+        self.server_date = server_date
+        self.received_at = received_at
+        # The action that got this answer (set by the client): a pause names what was refused.
+        self.action: str | None = None
 
     @property
     def error_class(self) -> ErrorClass:
@@ -86,6 +141,32 @@ class TencentError(Exception):
             f"TencentError(code={self.code!r}, message={self.message!r}, "
             f"request_id={self.request_id!r})"
         )
+
+
+def clock_skew(exc: TencentError) -> float | None:
+    """Seconds our clock was ahead of the API's when the answer came (None: no Date header)."""
+    if exc.server_date is None or exc.received_at is None:
+        return None
+    return (exc.received_at - exc.server_date).total_seconds()
+
+
+def explain(exc: TencentError) -> str:
+    """The message to record and log: the API's, or for a SignatureExpire what is really wrong."""
+    if exc.code != SIGNATURE_EXPIRE:
+        return exc.message
+    skew = clock_skew(exc)
+    if skew is None:
+        measured = "the answer carried no Date header to compare with"
+    else:
+        measured = (
+            f"this host's clock read {exc.received_at:%Y-%m-%d %H:%M:%S}Z when the API's Date"
+            f" header said {exc.server_date:%Y-%m-%d %H:%M:%S}Z ({skew:+.0f} s)"
+        )
+    return (
+        "the local clock is off, not the keys: requests are signed with this host's time and"
+        f" the API allows 5 minutes of difference; {measured}; fix the clock (NTP)."
+        f" API message: {exc.message}"
+    )
 
 
 def network_error(message: str) -> TencentError:

@@ -65,14 +65,46 @@ class ImagePage:
     request_id: str
 
 
+# CreateImage takes only cloud disks in DataDiskIds; local ones (LOCAL_BASIC, LOCAL_SSD,
+# `ldisk-...`) answer InvalidParameter.LocalDataDiskNotSupport (reference §9).
+CLOUD_DISK_PREFIX = "CLOUD_"
+
+
+@dataclass(frozen=True, slots=True)
+class DataDisk:
+    """One data disk of an instance, as DescribeInstances lists it."""
+
+    disk_id: str
+    disk_type: str  # CLOUD_PREMIUM, CLOUD_SSD, LOCAL_BASIC, ...; "" when the answer omits it
+
+    @property
+    def imageable(self) -> bool:
+        """Whether CreateImage accepts the disk (an untyped one is tried: the API decides)."""
+        return not self.disk_type or self.disk_type.startswith(CLOUD_DISK_PREFIX)
+
+    @property
+    def why_left_out(self) -> str:
+        """Why a disk that is not imageable stays out of a whole-machine image."""
+        kind = "a local disk" if self.disk_type.startswith("LOCAL_") else "not a cloud disk"
+        return f"{kind} ({self.disk_type}): CreateImage images CLOUD_* data disks only"
+
+
 @dataclass(frozen=True, slots=True)
 class Instance:
     instance_id: str
     name: str
     state: str
     tags: tuple[Tag, ...] = ()
+    # The data disks a whole-machine image includes (DataDiskIds): the cloud ones only.
     data_disk_ids: tuple[str, ...] = field(default=())
     os_name: str = ""
+    # The data disks left out of it (local disks), with their types: `plan` says why.
+    left_out_disks: tuple[DataDisk, ...] = ()
+
+    @property
+    def local_disk_ids(self) -> tuple[str, ...]:
+        """Ids of the data disks a whole-machine image leaves out."""
+        return tuple(d.disk_id for d in self.left_out_disks)
 
 
 @dataclass(frozen=True, slots=True)

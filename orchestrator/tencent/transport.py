@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 import aiohttp
@@ -63,10 +65,26 @@ async def post(
         async with session.post(url, data=payload, headers=headers, timeout=client_timeout) as resp:
             body = await resp.read()
             status = resp.status
+            date = resp.headers.get("Date")
     except TimeoutError:
         raise network_error(f"no answer within {client_timeout.total} s") from None
     except aiohttp.ClientError as exc:
         raise network_error(f"{type(exc).__name__}: {exc}") from None
     if status != 200:
         raise TencentError("ServerNetworkError", f"HTTP {status}: {_snippet(body)}")
-    return parse(body)
+    try:
+        return parse(body)
+    except TencentError as exc:
+        exc.server_date, exc.received_at = _http_date(date), datetime.now(UTC)
+        raise
+
+
+def _http_date(value: str | None) -> datetime | None:
+    """An HTTP `Date` header (RFC 9110 IMF-fixdate) as an aware UTC time; None if unreadable."""
+    if not value:
+        return None
+    try:
+        parsed = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)

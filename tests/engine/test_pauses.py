@@ -195,11 +195,12 @@ async def test_a_pause_lifted_elsewhere_reaches_the_dispatcher(
     try:
 
         async def seen() -> bool:
-            return engine.dispatcher.paused == {"default"}
+            # A CAM denial pauses only the region it came from.
+            return engine.dispatcher.paused == {("default", TEST_REGION)}
 
         await wait_for(seen)
         assert simulator.state.count_calls("CreateImage") == 0
-        assert await pauses.resume(pg_pool, "default", "operator") is not None
+        assert await pauses.resume_all(pg_pool, "default", "operator") != []
 
         async def finished() -> bool:
             states = [s for s, _, _ in (await job_states(pg_pool)).values()]
