@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "orchestrator.commands.policy",
     "orchestrator.commands.operator",
     "orchestrator.commands.account",
+    "orchestrator.commands.reconcile",
     "orchestrator.simulator.command",
     "orchestrator.commands.bench",
 )

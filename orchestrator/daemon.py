@@ -24,7 +24,7 @@ from typing import Any
 
 import asyncpg
 
-from orchestrator import jobs, logs, pauses
+from orchestrator import jobs, logs, pauses, reconcile, sweep
 from orchestrator.accounts import AccountLeases
 from orchestrator.config import Settings
 from orchestrator.context import EngineContext
@@ -227,6 +227,8 @@ class Engine:
         ]
         if not self.once:
             made.append(("scheduler", self.scheduler.run))
+            made.append(("retention", lambda s: sweep.run(self.ctx, s, self._driven)))
+            made.append(("reconcile", lambda s: reconcile.run(self.ctx, s, self._driven)))
         if self.ctx.settings.metrics_address:
             made.append(("health", self._health))
         return [
@@ -302,6 +304,8 @@ class Engine:
                     expire_at = loop.time() + _EXPIRE_INTERVAL
                 await self._complete_runs()
                 if self.once and await self._drained():
+                    # The retention sweep of a drain: once, after this run's own retention.
+                    await sweep.sweep(self.ctx, self._driven())
                     stop.set()
                     return
             with contextlib.suppress(TimeoutError):

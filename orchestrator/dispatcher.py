@@ -492,7 +492,7 @@ class Dispatcher:
         if job.on_quota != "rotate":
             await self._finish(job, "failed", reason="quota_full", error=exc, count=True)
             return
-        room = await quota_gate.make_room(self.ctx, job.account, job.region)
+        room = await quota_gate.make_room(self.ctx, job)
         key = (job.account, job.region)
         if room.freed > 0:
             self._full.pop(key, None)

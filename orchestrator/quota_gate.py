@@ -158,6 +158,11 @@ async def measure_room(ctx: EngineContext, account: str, region: str) -> int:
 
 
 async def _probe(ctx: EngineContext, job: Job) -> Verdict:
+    if job.on_quota == "rotate":
+        # Rotation measures the room itself (listing lag and DELETING images included) and
+        # frees what the waiting jobs lack.
+        made = await make_room(ctx, job, taken=1)
+        return Verdict(made.reopen_at, "closed" if made.reopen_at else "probe")
     try:
         room = await measure_room(ctx, job.account, job.region)
     except TencentError as exc:
@@ -167,11 +172,7 @@ async def _probe(ctx: EngineContext, job: Job) -> Verdict:
     log.info("quota.probed", account=job.account, region=job.region, room=room)
     if room > 0:
         await open_room(ctx, job.account, job.region, room, taken=1)
-        return Verdict(None, "probe")
-    if job.on_quota != "rotate":
-        return Verdict(None, "probe")  # CreateImage answers, and the job fails as the policy says
-    made = await make_room(ctx, job.account, job.region, taken=1)
-    return Verdict(made.reopen_at, "closed" if made.reopen_at else "probe")
+    return Verdict(None, "probe")  # CreateImage answers, and the job fails as the policy says
 
 
 async def waiting(ctx: EngineContext, account: str, region: str) -> int:
@@ -179,18 +180,21 @@ async def waiting(ctx: EngineContext, account: str, region: str) -> int:
     return int(await ctx.pool.fetchval(_WAITING, account, region) or 0)
 
 
-async def make_room(ctx: EngineContext, account: str, region: str, *, taken: int = 0) -> Room:
-    """Rotate for every job waiting in the region; open the gate for what was freed, or close it.
+async def make_room(ctx: EngineContext, job: Job, *, taken: int = 0) -> Room:
+    """Rotate for the jobs needing room in the job's region; open the gate for the room there
+    is now, or close it until deletions under way are confirmed.
 
     `taken`: how much of the room the caller uses at once (1 when it calls CreateImage next).
     """
     from orchestrator import rotation  # rotation nudges the gate: imported late, no cycle
 
-    need = max(await waiting(ctx, account, region), 1)
-    result = await rotation.rotate_for_quota(ctx, account, region, need=need)
-    if result.freed > 0:
-        await open_room(ctx, account, region, result.freed, taken=taken)
-        return Room(freed=result.freed)
+    account, region = job.account, job.region
+    result = await rotation.rotate_for_quota(
+        ctx, account, region, job_id=job.id, policy_id=job.policy_id
+    )
+    if result.room > 0:
+        await open_room(ctx, account, region, result.room, taken=taken)
+        return Room(freed=result.room)
     if result.exhausted:
         await forget(ctx, account, region)
         return Room(exhausted=True)

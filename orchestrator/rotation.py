@@ -1,9 +1,13 @@
-"""Deleting images: retention sweeps and quota eviction, each deletion two-phase in a ledger.
+"""Deleting images: retention sweeps and quota eviction, each deletion in three steps in a ledger.
 
 A deletion is (1) an intent committed to `images` (delete_requested_at, delete_reason) and to
-`events`, then (2) DeleteImages, then (3) the confirmation (deleted_at, another event). A crash
-between (1) and (3) leaves an intent without a confirmation; the next sweep or rotation of that
-region re-issues it (InvalidImageId.NotFound then means "already gone": confirmed).
+`events`, then (2) DeleteImages (delete_sent_at once it answered), then (3) the confirmation
+(deleted_at, another event) once DescribeImages no longer lists the image. On the real API a
+deleted image stays listed as DELETING for a while, holding its quota and its name (reference
+§9), so an answer to DeleteImages frees nothing yet (`confirm_deletions`). A crash between (1)
+and (2) leaves an intent the next sweep or rotation of that region re-issues
+(InvalidImageId.NotFound then means "already gone": confirmed); a sent deletion is never sent
+again, only followed.
 
 Every deleting path holds the region's delete lock: an asyncio lock within the process plus a
 Postgres session advisory lock across replicas, so only one rotation or sweep per
@@ -16,11 +20,12 @@ import asyncio
 import json
 import weakref
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Collection, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import structlog
 
@@ -29,10 +34,18 @@ from orchestrator.context import EngineContext
 from orchestrator.db.pool import keeps_session_state
 from orchestrator.retention import Candidate, Decision, Rules
 from orchestrator.tencent.errors import ErrorClass, TencentError
+from orchestrator.tencent.models import Filter, Image
 
 log = logs.get("rotation")
 
 NOT_FOUND = "InvalidImageId.NotFound"
+# DeleteImages on an image that is already DELETING (or otherwise not deletable right now).
+INCORRECT_STATE = "InvalidImageId.IncorrectState"
+DELETING = "DELETING"
+# A sent deletion whose image is still listed in a state other than DELETING this long after
+# the call is withdrawn, to be judged afresh: the listing had time to catch up.
+RESEND_AFTER = 120.0
+BATCH = 100  # DescribeImages takes at most 100 ImageIds
 CREATEFAILED = retention.CREATEFAILED
 DELETABLE_STATES = (retention.NORMAL, CREATEFAILED)
 # Advisory-lock namespace ("CVBR"): the two-int form keeps us apart from single-bigint locks.
@@ -42,12 +55,12 @@ Conn = Any  # an asyncpg connection (pool proxies included)
 
 _LIVE_COLUMNS = """
     i.image_id, i.account, i.region, i.policy_id, i.instance_id, i.job_id, i.state,
-    i.created_at, i.delete_requested_at, i.delete_reason
+    i.created_at, i.delete_requested_at, i.delete_reason, i.delete_sent_at, i.delete_kind
 """
 
 _POLICY_RULES = """
     p.timezone, p.keep_last, p.keep_daily, p.keep_weekly, p.keep_monthly, p.keep_yearly,
-    p.max_age_days
+    p.max_age_days, p.on_quota
 """
 
 _INSTANCE_IMAGES = f"""
@@ -56,7 +69,7 @@ WHERE i.policy_id = $1 AND i.instance_id = $2 AND i.account = $3 AND i.region = 
   AND i.deleted_at IS NULL
 """
 
-_REGION_IMAGES = f"""
+REGION_IMAGES = f"""
 SELECT {_LIVE_COLUMNS}, {_POLICY_RULES} FROM images i JOIN policies p ON p.id = i.policy_id
 WHERE i.account = $1 AND i.region = $2 AND i.deleted_at IS NULL
 """
@@ -72,9 +85,28 @@ RETURNING delete_requested_at
 
 _CONFIRM = "UPDATE images SET deleted_at = now() WHERE image_id = $1 AND deleted_at IS NULL"
 
+_SENT = """
+UPDATE images SET delete_sent_at = now(), delete_kind = $2
+WHERE image_id = $1 AND deleted_at IS NULL AND delete_sent_at IS NULL
+"""
+
 _WITHDRAW = """
-UPDATE images SET delete_requested_at = NULL, delete_reason = NULL
+UPDATE images SET delete_requested_at = NULL, delete_reason = NULL, delete_sent_at = NULL,
+                  delete_kind = NULL
 WHERE image_id = $1 AND deleted_at IS NULL
+"""
+
+# Deletions sent and not yet confirmed, per region: what `confirm_deletions` follows.
+_SENT_ROWS = f"""
+SELECT {_LIVE_COLUMNS}, now() - i.delete_sent_at AS sent_ago FROM images i
+WHERE i.account = $1 AND i.region = $2 AND i.delete_sent_at IS NOT NULL AND i.deleted_at IS NULL
+ORDER BY i.image_id
+"""
+
+_SENT_REGIONS = """
+SELECT DISTINCT account, region FROM images
+WHERE delete_sent_at IS NOT NULL AND deleted_at IS NULL
+ORDER BY account, region
 """
 
 # Images still being built in the region, or deletions not yet confirmed: either will free or
@@ -104,26 +136,24 @@ class LiveImage:
     created_at: datetime
     delete_requested_at: datetime | None
     delete_reason: str | None
+    delete_sent_at: datetime | None = None
+    delete_kind: str | None = None
 
     @classmethod
     def from_record(cls, row: Any) -> LiveImage:
-        """From a row carrying at least the live columns."""
-        return cls(**{name: row[name] for name in cls.__dataclass_fields__})
+        """From a row carrying at least the live columns (the deletion's progress optional)."""
+        keys = set(row.keys())
+        return cls(**{name: row[name] for name in cls.__dataclass_fields__ if name in keys})
+
+    @property
+    def deleting(self) -> bool:
+        """Whether a deletion of it is under way (intent written, maybe sent)."""
+        return self.delete_requested_at is not None
 
     @property
     def candidate(self) -> Candidate:
         """As a retention candidate (every image in our table is ours)."""
         return Candidate(self.image_id, self.created_at, self.state, ours=True)
-
-
-@dataclass(frozen=True, slots=True)
-class RotationResult:
-    """What a quota rotation did: images freed, or why none were (`wait` or `exhausted`)."""
-
-    freed: int = 0
-    wait: bool = False
-    exhausted: bool = False
-    deleted: tuple[str, ...] = ()
 
 
 # -- the region's delete lock -----------------------------------------------------------------
@@ -253,10 +283,31 @@ async def _failed(conn: Conn, kind: str, image: LiveImage, reason: str, exc: Ten
     )
 
 
+async def _sent(conn: Conn, kind: str, image: LiveImage, reason: str, **details: Any) -> None:
+    async with conn.transaction():
+        await conn.execute(_SENT, image.image_id, kind)
+        await record_event(conn, f"{kind}.delete_sent", image, reason, **details)
+    log.info(
+        f"{kind}.delete_sent",
+        image_id=image.image_id,
+        policy_id=image.policy_id,
+        instance_id=image.instance_id,
+        region=image.region,
+        reason=reason,
+        **details,
+    )
+
+
 async def delete_image(
     ctx: EngineContext, conn: Conn, kind: str, image: LiveImage, reason: str
 ) -> bool:
-    """Intent, DeleteImages, confirmation; True once the image is gone. `kind` names events."""
+    """Intent, then DeleteImages; True once the call went out or the image was found gone.
+
+    The row is `deleted` only when DescribeImages no longer lists the image
+    (`confirm_deletions`). `kind` names the events. A deletion already sent is not sent again.
+    """
+    if image.delete_sent_at is not None:
+        return True
     if image.delete_requested_at is None:
         pending = await request_delete(conn, kind, image, reason)
         if pending is None:
@@ -269,27 +320,120 @@ async def delete_image(
             image.region, [image.image_id], delete_binded_snap=snap
         )
     except TencentError as exc:
-        if exc.code != NOT_FOUND:
-            await _failed(conn, kind, image, reason, exc)
-            return False
-        await _confirm(conn, kind, image, reason, already_gone=True, request_id=exc.request_id)
-        return True
-    await _confirm(conn, kind, image, reason, request_id=request_id, delete_binded_snap=snap)
+        return await _refused(ctx, conn, kind, image, reason=reason, exc=exc)
+    await _sent(conn, kind, image, reason, request_id=request_id, delete_binded_snap=snap)
     return True
 
 
-async def _finish_pending(
+async def _refused(
+    ctx: EngineContext, conn: Conn, kind: str, image: LiveImage, *, reason: str, exc: TencentError
+) -> bool:
+    if exc.code == NOT_FOUND:
+        await _confirm(conn, kind, image, reason, already_gone=True, request_id=exc.request_id)
+        return True
+    if exc.code == INCORRECT_STATE and await _listed_deleting(ctx, image):
+        # Already DELETING (a send whose answer was lost, or someone else's): follow it like
+        # one of ours. Any other state (still being built there, say) withdraws the intent.
+        await _sent(conn, kind, image, reason, request_id=exc.request_id, already_deleting=True)
+        return True
+    await _failed(conn, kind, image, reason, exc)
+    return False
+
+
+async def _listed_deleting(ctx: EngineContext, image: LiveImage) -> bool:
+    try:
+        listed = await _listed(ctx, image.account, image.region, [image.image_id])
+    except TencentError:
+        return False  # cannot tell: the intent is withdrawn and judged afresh next time
+    found = listed.get(image.image_id)
+    return found is not None and found.state == DELETING
+
+
+async def finish_pending(
     ctx: EngineContext, conn: Conn, kind: str, images: Iterable[LiveImage]
 ) -> list[str]:
-    """Re-issue intents a crash or a transient error left unconfirmed."""
+    """Re-issue intents a crash or a transient error left unsent; sent ones are only followed."""
     done = []
     for image in images:
+        if image.delete_requested_at is None or image.delete_sent_at is not None:
+            continue
         reason = image.delete_reason or "pending intent"
-        if image.delete_requested_at is not None and await delete_image(
-            ctx, conn, kind, image, reason
-        ):
+        if await delete_image(ctx, conn, kind, image, reason):
             done.append(image.image_id)
     return done
+
+
+# -- confirming deletions ---------------------------------------------------------------------
+
+
+async def _listed(
+    ctx: EngineContext, account: str, region: str, ids: Sequence[str]
+) -> dict[str, Image]:
+    """The images of `ids` DescribeImages still lists, by id."""
+    client = ctx.client(account)
+    found: dict[str, Image] = {}
+    for start in range(0, len(ids), BATCH):
+        chunk = list(ids[start : start + BATCH])
+        page = await client.describe_images(region, image_ids=chunk, limit=BATCH)
+        found.update((i.image_id, i) for i in page.images)
+    return found
+
+
+async def confirm_deletions(
+    ctx: EngineContext, conn: Conn, account: str, region: str, only: Collection[str] = ()
+) -> list[str]:
+    """Confirm the sent deletions (of `only`, when given) whose image is no longer listed.
+
+    A DELETING image is not yet gone; one listed in another state long after the call is
+    withdrawn so the next pass judges it afresh. The ids confirmed.
+    """
+    rows = await conn.fetch(_SENT_ROWS, account, region)
+    rows = [r for r in rows if not only or r["image_id"] in only]
+    if not rows:
+        return []
+    listed = await _listed(ctx, account, region, [r["image_id"] for r in rows])
+    gone = []
+    for row in rows:
+        image = LiveImage.from_record(row)
+        kind = image.delete_kind or "rotation"
+        reason = image.delete_reason or "pending intent"
+        seen = listed.get(image.image_id)
+        if seen is None:
+            await _confirm(conn, kind, image, reason, delete_sent_at=image.delete_sent_at)
+            gone.append(image.image_id)
+        elif seen.state != DELETING and row["sent_ago"].total_seconds() >= RESEND_AFTER:
+            await _still_listed(conn, kind, image, reason, seen.state)
+    return gone
+
+
+async def _still_listed(conn: Conn, kind: str, image: LiveImage, reason: str, state: str) -> None:
+    async with conn.transaction():
+        await conn.execute(_WITHDRAW, image.image_id)
+        await record_event(conn, f"{kind}.delete_failed", image, reason, listed_state=state)
+    log.warning(
+        f"{kind}.delete_failed",
+        image_id=image.image_id,
+        region=image.region,
+        listed_state=state,
+        retry=True,
+        hint="DeleteImages answered but the image is still listed: it is judged afresh",
+    )
+
+
+async def confirm_everywhere(ctx: EngineContext, accounts: Collection[str]) -> int:
+    """One confirmation pass over every region with sent deletions of `accounts`."""
+    confirmed = 0
+    for row in await ctx.pool.fetch(_SENT_REGIONS):
+        account, region = row["account"], row["region"]
+        if account not in accounts:
+            continue
+        try:
+            async with ctx.pool.acquire() as conn:
+                confirmed += len(await confirm_deletions(ctx, conn, account, region))
+        except TencentError as exc:
+            # Cannot tell now: the deletions stay in flight and the next pass looks again.
+            log.warning("rotation.confirm_failed", account=account, region=region, code=exc.code)
+    return confirmed
 
 
 # -- retention after a backup -----------------------------------------------------------------
@@ -307,10 +451,38 @@ def rules_of(row: Any) -> Rules:
     )
 
 
+class Unevaluable(Exception):
+    """A policy row whose rules cannot be applied (a timezone zoneinfo does not know)."""
+
+
+def zone_of(name: str) -> ZoneInfo:
+    """The policy's zone; Unevaluable when zoneinfo does not know it (the CHECK sees only form)."""
+    try:
+        return ZoneInfo(name)
+    except (KeyError, ValueError) as exc:  # ZoneInfoNotFoundError is a KeyError
+        raise Unevaluable(f"timezone {name!r} is not an IANA zone: {exc!r}") from None
+
+
 def _decide(row: Any, images: Sequence[LiveImage]) -> list[Decision]:
     """Retention over the images with no pending intent (those are already going)."""
+    zone_of(row["timezone"])
     live = [i.candidate for i in images if i.delete_requested_at is None]
     return retention.decide(rules_of(row), row["timezone"], datetime.now(UTC), live)
+
+
+def decide_or_skip(row: Any, images: Sequence[LiveImage]) -> list[Decision] | None:
+    """`_decide`, or None (logged `retention.skipped`) for a row whose rules cannot apply."""
+    try:
+        return _decide(row, images)
+    except Unevaluable as exc:
+        first = images[0] if images else None
+        log.warning(
+            "retention.skipped",
+            policy_id=None if first is None else first.policy_id,
+            instance_id=None if first is None else first.instance_id,
+            reason=str(exc),
+        )
+        return None
 
 
 async def _record_keeps(
@@ -331,15 +503,31 @@ async def apply_retention(ctx: EngineContext, policy_id: int, instance_id: str) 
         async with region_lock(ctx, account, region) as conn:
             rows = await conn.fetch(_INSTANCE_IMAGES, policy_id, instance_id, account, region)
             images = [LiveImage.from_record(r) for r in rows]
-            deleted = await _finish_pending(ctx, conn, "retention", images)
-            decisions = _decide(policy, images)
+            deleted = await finish_pending(ctx, conn, "retention", images)
+            decisions = decide_or_skip(policy, images) or []
             await _record_keeps(conn, images, decisions)
             by_id = {i.image_id: i for i in images}
             # Oldest first: a sweep cut short leaves the newer images, not holes in the middle.
             for d in reversed(retention.deletions(decisions)):
                 if await delete_image(ctx, conn, "retention", by_id[d.image_id], d.reasons[0]):
                     deleted.append(d.image_id)
+            if deleted:
+                await confirm_soon(ctx, conn, account, region, deleted)
     return deleted
+
+
+async def confirm_soon(
+    ctx: EngineContext, conn: Conn, account: str, region: str, sent: Collection[str]
+) -> int:
+    """Confirm what is already gone of `sent` (empty: of every sent deletion in the region).
+
+    What is not gone yet is followed by the tracker (`confirm_everywhere`).
+    """
+    try:
+        return len(await confirm_deletions(ctx, conn, account, region, only=sent))
+    except TencentError as exc:
+        log.warning("rotation.confirm_failed", account=account, region=region, code=exc.code)
+        return 0
 
 
 # The live images of many (policy, instance) pairs, each row with its policy's rules.
@@ -372,12 +560,14 @@ async def sweep_quiet(ctx: EngineContext, pairs: Iterable[Pair]) -> list[Pair]:
     # added later triggers its own sweep, and one deleted meanwhile only means less to delete.
     wanted = sorted(set(pairs))
     rows = await ctx.pool.fetch(_PAIR_IMAGES, [p for p, _ in wanted], [i for _, i in wanted])
-    groups = _per_instance(rows)
+    groups = per_instance(rows)
     keeps: list[EventRow] = []
     loud: list[Pair] = []
     for group in groups:
         images = [LiveImage.from_record(r) for r in group]
-        decisions = _decide(group[0], images)
+        decisions = decide_or_skip(group[0], images)
+        if decisions is None:
+            continue
         pending = any(i.delete_requested_at is not None for i in images)
         if pending or retention.deletions(decisions):
             loud.append((group[0]["policy_id"], group[0]["instance_id"]))
@@ -393,82 +583,197 @@ async def sweep_quiet(ctx: EngineContext, pairs: Iterable[Pair]) -> list[Pair]:
 
 # -- quota rotation ---------------------------------------------------------------------------
 
+# Jobs that still need a unit of quota: not yet created, or mid-call with no image id yet (the
+# caller, whose CreateImage just answered ImageQuotaLimitExceeded, among them). Counted once
+# each, whichever replica holds them.
+_NEED = """
+SELECT count(*) FROM jobs
+WHERE account = $1 AND region = $2
+  AND (state IN ('pending', 'claimed') OR (state = 'creating' AND image_id IS NULL) OR id = $3)
+"""
+
+_PRIVATE = (Filter("image-type", ("PRIVATE_IMAGE",)),)
+
 
 def _newest_normal(images: Iterable[LiveImage]) -> LiveImage | None:
     normal = [i for i in images if i.state == retention.NORMAL]
     return max(normal, key=lambda i: (i.created_at, i.image_id), default=None)
 
 
-# (image, reason, optional): optional evictions happen only while more room is needed.
-Eviction = tuple[LiveImage, str, bool]
+# (image, reason): one eviction, in order.
+Eviction = tuple[LiveImage, str]
+RANK_FAILED = "quota_eviction rank 1: CREATEFAILED image"
+RANK_RELEASED = "quota_eviction rank 2: no retention rule keeps it"
+RANK_OWN = "quota_eviction rank 3: oldest of the requesting policy with a newer NORMAL image"
+RANK_OTHER = "quota_eviction rank 4: oldest of another rotate policy with a newer NORMAL image"
 
 
 def _by_age(items: Iterable[Eviction]) -> list[Eviction]:
     return sorted(items, key=lambda item: (item[0].created_at, item[0].image_id))
 
 
-def _per_instance(rows: Sequence[Any]) -> list[list[Any]]:
+def per_instance(rows: Sequence[Any]) -> list[list[Any]]:
     groups: dict[tuple[int, str], list[Any]] = defaultdict(list)
     for row in rows:
         groups[(row["policy_id"], row["instance_id"])].append(row)
     return list(groups.values())
 
 
-def _released(policy: Any, images: Sequence[LiveImage]) -> list[Eviction]:
-    """What retention lets go in one (policy, instance)."""
-    by_id = {i.image_id: i for i in images}
-    deletions = retention.deletions(_decide(policy, images))
-    return [(by_id[d.image_id], f"retention: {d.reasons[0]}", False) for d in deletions]
+@dataclass
+class _Ranks:
+    """The region's evictable images, rank by rank; rank 3 and 4 as (depth, image) pairs."""
+
+    failed: list[Eviction]
+    released: list[Eviction]
+    own: list[tuple[int, Eviction]]
+    other: list[tuple[int, Eviction]]
+
+    def order(self) -> list[Eviction]:
+        # Ranks 3 and 4 go round the instances: each loses its oldest image before any loses
+        # its second oldest, so no instance is thinned far below the others.
+        def spread(items: list[tuple[int, Eviction]]) -> list[Eviction]:
+            ordered = sorted(items, key=lambda d: (d[0], d[1][0].created_at, d[1][0].image_id))
+            return [e for _, e in ordered]
+
+        return _by_age(self.failed) + _by_age(self.released) + spread(self.own) + spread(self.other)
 
 
-def _failed_and_older(images: Sequence[LiveImage]) -> tuple[list[Eviction], list[Eviction]]:
-    """CREATEFAILED images, and NORMAL ones with a newer NORMAL, of one (policy, instance)."""
-    settled = [i for i in images if i.delete_requested_at is None]
-    newest = _newest_normal(settled)
-    failed = [(i, "quota: CREATEFAILED image", False) for i in settled if i.state == CREATEFAILED]
-    older = [
-        (i, "quota: oldest with a newer NORMAL image", True)
-        for i in settled
-        if i.state == retention.NORMAL and newest is not None and i is not newest
-    ]
-    return failed, older
+def _rank_pair(ranks: _Ranks, group: Sequence[Any], requester: int | None) -> None:
+    images = [LiveImage.from_record(r) for r in group]
+    settled = [i for i in images if not i.deleting and i.state in DELETABLE_STATES]
+    ranks.failed += [(i, RANK_FAILED) for i in settled if i.state == CREATEFAILED]
+    decisions = decide_or_skip(group[0], images)
+    # A pair whose rules cannot be read is never released by them, nor taken when its policy
+    # says fail: nothing then tells what its retention keeps.
+    kept = {i.image_id for i in settled} if decisions is None else _kept(decisions)
+    normal = [i for i in settled if i.state == retention.NORMAL]
+    ranks.released += [(i, RANK_RELEASED) for i in normal if i.image_id not in kept]
+    newest = _newest_normal(i for i in images if not i.deleting)
+    if group[0]["on_quota"] != "rotate" or newest is None:
+        return
+    older = sorted(
+        (i for i in normal if i.image_id in kept and i is not newest),
+        key=lambda i: (i.created_at, i.image_id),
+    )
+    own = group[0]["policy_id"] == requester
+    target, reason = (ranks.own, RANK_OWN) if own else (ranks.other, RANK_OTHER)
+    target += [(depth, (i, reason)) for depth, i in enumerate(older)]
 
 
-def eviction_order(rows: Sequence[Any]) -> list[Eviction]:
-    """Our images of a region in eviction order, each with its reason.
+def _kept(decisions: Iterable[Decision]) -> set[str]:
+    return {d.image_id for d in decisions if d.keep}
 
-    (a) our CREATEFAILED images, (b) what retention already lets go, (c) the oldest NORMAL
-    images that have a newer NORMAL image of the same (policy, instance). Never the newest
-    NORMAL image of a (policy, instance); never an image with a pending intent (already going).
+
+def eviction_order(rows: Sequence[Any], requester: int | None = None) -> list[Eviction]:
+    """Our images of a region in eviction order, each with its reason (the rank).
+
+    (1) our CREATEFAILED images; (2) NORMAL images no retention rule keeps (any policy);
+    (3) the requesting policy's oldest image of each instance that has a newer NORMAL one;
+    (4) the same for other `rotate` policies. Never the newest NORMAL image of a
+    (policy, instance); never an image of an `on_quota = "fail"` policy its retention keeps;
+    never an image whose deletion is already under way.
     """
-    failed: list[Eviction] = []
-    released: list[Eviction] = []
-    older: list[Eviction] = []
-    for group in _per_instance(rows):
-        images = [LiveImage.from_record(r) for r in group]
-        released += _released(group[0], images)
-        more_failed, more_older = _failed_and_older(images)
-        failed += more_failed
-        older += more_older
-    taken = {image.image_id for image, _, _ in released}
-    older = [e for e in older if e[0].image_id not in taken]
-    return _by_age(failed) + _by_age(released) + _by_age(older)
+    ranks = _Ranks([], [], [], [])
+    for group in per_instance(rows):
+        _rank_pair(ranks, group, requester)
+    return ranks.order()
+
+
+@dataclass(frozen=True, slots=True)
+class Picture:
+    """The region's quota as measured under the lock."""
+
+    quota: int
+    occupied: int  # images listed, and ours not (yet) listed, DELETING ones included
+    going: int  # ours whose deletion is under way: room once they are gone
+    need: int  # jobs that still need a unit of quota
+
+    @property
+    def room(self) -> int:
+        """Units free right now."""
+        return max(self.quota - self.occupied, 0)
+
+    @property
+    def deficit(self) -> int:
+        """How many more images must go so every job that needs room gets it."""
+        return max(self.need - self.room - self.going, 0)
+
+
+async def _private_ids(ctx: EngineContext, account: str, region: str) -> set[str]:
+    """Ids of every private image DescribeImages lists in the region (DELETING included)."""
+    client = ctx.client(account)
+    ids: set[str] = set()
+    offset = 0
+    while True:
+        page = await client.describe_images(region, filters=_PRIVATE, offset=offset, limit=BATCH)
+        ids.update(i.image_id for i in page.images)
+        offset += len(page.images)
+        if not page.images or offset >= page.total_count:
+            return ids
+
+
+async def measure(
+    ctx: EngineContext, conn: Conn, account: str, region: str, job_id: int | None
+) -> Picture:
+    """Quota, what occupies it, what is going, and what is needed, in one region."""
+    quota = await ctx.client(account).describe_image_quota(region)
+    listed = await _private_ids(ctx, account, region)
+    rows = await conn.fetch(
+        "SELECT image_id, delete_requested_at FROM images"
+        " WHERE account = $1 AND region = $2 AND deleted_at IS NULL",
+        account,
+        region,
+    )
+    # A new image may not be listed yet (listing lag) but already holds its unit: the union.
+    occupied = listed | {r["image_id"] for r in rows}
+    going = sum(1 for r in rows if r["delete_requested_at"] is not None)
+    need = int(await conn.fetchval(_NEED, account, region, job_id) or 0)
+    return Picture(quota=quota, occupied=len(occupied), going=going, need=need)
+
+
+@dataclass(frozen=True, slots=True)
+class RotationResult:
+    """What a quota rotation found and did.
+
+    `room`: units free now (the caller may use them); `deleted`: deletions sent this time;
+    `wait`: room is coming (deletions under way, our images being built); `exhausted`: it never
+    will by anything we can delete.
+    """
+
+    room: int = 0
+    wait: bool = False
+    exhausted: bool = False
+    deleted: tuple[str, ...] = ()
+    picture: Picture | None = None
+
+    @property
+    def freed(self) -> int:
+        """Units usable now (kept for callers that only ask whether room exists)."""
+        return self.room
 
 
 async def _evict(
-    ctx: EngineContext, conn: Conn, rows: Sequence[Any], need: int, freed: list[str]
-) -> None:
-    for image, reason, optional in eviction_order(rows):
-        if optional and len(freed) >= need:
-            return
+    ctx: EngineContext, conn: Conn, rows: Sequence[Any], picture: Picture, requester: int | None
+) -> list[str]:
+    sent: list[str] = []
+    for image, reason in eviction_order(rows, requester):
+        if len(sent) >= picture.deficit:
+            break
         if await delete_image(ctx, conn, "rotation", image, reason):
-            freed.append(image.image_id)
+            sent.append(image.image_id)
+    return sent
 
 
-async def _nothing_freed(conn: Conn, account: str, region: str) -> RotationResult:
-    if await conn.fetchval(_IN_FLIGHT, account, region):
-        log.info("rotation.waiting", account=account, region=region)
-        return RotationResult(wait=True)
+async def _conclude(
+    conn: Conn, account: str, region: str, picture: Picture, *, sent: list[str], gone: int
+) -> RotationResult:
+    deleted = tuple(sent)
+    room = picture.room + gone  # deletions confirmed right away are room already
+    if room > 0:
+        return RotationResult(room=room, deleted=deleted, picture=picture)
+    if sent or picture.going or await conn.fetchval(_IN_FLIGHT, account, region):
+        log.info("rotation.waiting", account=account, region=region, going=picture.going)
+        return RotationResult(wait=True, deleted=deleted, picture=picture)
     log.error("quota.exhausted", account=account, region=region)
     await conn.execute(
         "INSERT INTO events (kind, account, region, reason) VALUES ('quota.exhausted', $1, $2, $3)",
@@ -476,18 +781,44 @@ async def _nothing_freed(conn: Conn, account: str, region: str) -> RotationResul
         region,
         "no image of ours is eligible for eviction and none is being built",
     )
-    return RotationResult(exhausted=True)
+    return RotationResult(exhausted=True, picture=picture)
 
 
 async def rotate_for_quota(
-    ctx: EngineContext, account: str, region: str, *, need: int = 1
+    ctx: EngineContext,
+    account: str,
+    region: str,
+    *,
+    job_id: int | None = None,
+    policy_id: int | None = None,
 ) -> RotationResult:
-    """Free image quota in (account, region); one rotation at a time per region."""
+    """Free exactly the quota the region's waiting jobs lack; one rotation at a time per region.
+
+    `job_id`, `policy_id`: the job that met the full quota (counted once among those that need
+    room) and its policy (whose images go before other policies').
+    """
     async with region_lock(ctx, account, region) as conn:
-        rows = await conn.fetch(_REGION_IMAGES, account, region)
+        await confirm_soon(ctx, conn, account, region, ())
+        rows = await conn.fetch(REGION_IMAGES, account, region)
         images = [LiveImage.from_record(r) for r in rows]
-        freed = await _finish_pending(ctx, conn, "rotation", images)
-        await _evict(ctx, conn, rows, need, freed)
-        if freed:
-            return RotationResult(freed=len(freed), deleted=tuple(freed))
-        return await _nothing_freed(conn, account, region)
+        finished = await finish_pending(ctx, conn, "rotation", images)
+        rows = await conn.fetch(REGION_IMAGES, account, region)
+        try:
+            picture = await measure(ctx, conn, account, region, job_id)
+        except TencentError as exc:
+            # Without a measure nothing is deleted: the gate's backoff brings a new try.
+            log.warning("rotation.measure_failed", account=account, region=region, code=exc.code)
+            return RotationResult(wait=True)
+        sent = finished + await _evict(ctx, conn, rows, picture, policy_id)
+        log.info(
+            "rotation.measured",
+            account=account,
+            region=region,
+            quota=picture.quota,
+            occupied=picture.occupied,
+            going=picture.going,
+            need=picture.need,
+            evicted=len(sent),
+        )
+        gone = await confirm_soon(ctx, conn, account, region, sent) if sent else 0
+        return await _conclude(conn, account, region, picture, sent=sent, gone=gone)

@@ -19,7 +19,7 @@ PROGRESS_INTERVAL = 0.5
 # One row per policy and instance (a policy with no job yet: one row with nulls). Field
 # meanings and types: docs/status.md and orchestrator/data/status.schema.json.
 _STATUS = """
-SELECT p.name AS policy, p.enabled, j.instance_id, j.state, j.slot, j.reason, j.attempts,
+SELECT p.name AS policy, p.enabled, inst.instance_id, j.state, j.slot, j.reason, j.attempts,
        j.last_error_code AS error_code, j.last_error_message AS error_message, j.finished_at,
        g.image_id AS latest_image, g.slot AS latest_image_slot,
        g.created_at AS latest_image_created_at,
@@ -30,17 +30,24 @@ FROM policies p
 -- The policy's account is paused (orchestrator.pauses): its jobs wait, and here is why.
 LEFT JOIN account_pauses ap ON ap.account = p.account
 LEFT JOIN LATERAL (
-    -- The latest job of each instance: a backward scan of the (policy, instance, slot) key.
-    SELECT DISTINCT ON (instance_id) * FROM jobs
-    WHERE policy_id = p.id ORDER BY instance_id, slot DESC, id DESC
+    -- Every instance with a job or a live image: images `reconcile` adopted after a database
+    -- was lost have no job yet, and they are what the operator most needs to see.
+    SELECT instance_id FROM jobs WHERE policy_id = p.id
+    UNION
+    SELECT instance_id FROM images WHERE policy_id = p.id AND deleted_at IS NULL
+) inst ON true
+LEFT JOIN LATERAL (
+    -- The latest job of the instance: a backward scan of the (policy, instance, slot) key.
+    SELECT * FROM jobs
+    WHERE policy_id = p.id AND instance_id = inst.instance_id ORDER BY slot DESC, id DESC LIMIT 1
 ) j ON true
 LEFT JOIN LATERAL (
     SELECT i.image_id, i.slot, i.created_at FROM images i
-    WHERE i.policy_id = p.id AND i.instance_id = j.instance_id AND i.state = 'NORMAL'
+    WHERE i.policy_id = p.id AND i.instance_id = inst.instance_id AND i.state = 'NORMAL'
       AND i.deleted_at IS NULL
     ORDER BY i.slot DESC LIMIT 1
 ) g ON true
-ORDER BY p.name, j.instance_id
+ORDER BY p.name, inst.instance_id
 """
 
 _TIMES = ("slot", "finished_at", "latest_image_slot", "latest_image_created_at")
@@ -135,7 +142,8 @@ def _cells(row: Mapping[str, Any]) -> tuple[str, ...]:
     )
 
 
-def _aligned(lines: Sequence[Sequence[str]]) -> str:
+def aligned(lines: Sequence[Sequence[str]]) -> str:
+    """Rows of cells as text columns, the first row the header."""
     widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
     return "\n".join(
         "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
@@ -145,7 +153,7 @@ def _aligned(lines: Sequence[Sequence[str]]) -> str:
 
 def render_table(rows: Sequence[Mapping[str, Any]]) -> str:
     """The human `status` table: one line per policy and instance, then any paused accounts."""
-    table = _aligned([_HEADER, *(_cells(r) for r in rows)])
+    table = aligned([_HEADER, *(_cells(r) for r in rows)])
     paused = {r["account"]: r["account_paused"] for r in rows if r.get("account_paused")}
     if not paused:
         return table
@@ -169,7 +177,7 @@ def render_pauses(entries: Sequence[Mapping[str, Any]]) -> str:
         for e in entries
     ]
     hint = "jobs of a paused account wait; after fixing it: cvm-backup account resume NAME"
-    return f"{_aligned([_PAUSE_HEADER, *lines])}\n{hint}"
+    return f"{aligned([_PAUSE_HEADER, *lines])}\n{hint}"
 
 
 @dataclass(frozen=True)

@@ -248,7 +248,10 @@ async def _failed(ctx: EngineContext, t: Tracked, image: Image) -> None:
         log.warning("job.failed", image_id=t.image_id, code=FAILED_CODE, message=message)
     if pending is not None:
         async with rotation.region_lock(ctx, t.account, t.region) as conn:
-            await rotation.delete_image(ctx, conn, "image", pending, "CREATEFAILED: frees quota")
+            if await rotation.delete_image(
+                ctx, conn, "image", pending, "CREATEFAILED: frees quota"
+            ):
+                await rotation.confirm_soon(ctx, conn, t.account, t.region, [t.image_id])
 
 
 async def _vanished(ctx: EngineContext, t: Tracked) -> None:
@@ -442,6 +445,9 @@ _AFTER_FINISH = 0.01
 RECHECK = 0.5
 # The shortest pause of the loop, so a failing statement cannot make it spin.
 _MIN_PAUSE = 0.01
+# Sent deletions are looked at this many ticks apart: a DELETING image takes seconds to
+# minutes to go, and each look is one DescribeImages per region.
+CONFIRM_TICKS = 4
 
 
 def poll_gap(in_flight: int, settings: Settings) -> float:
@@ -519,6 +525,7 @@ async def run(ctx: EngineContext, stop: asyncio.Event, held: Held = None) -> Non
     cadence = _Cadence(loop.time(), loop.time())
     clock = BuildClock()
     watch = DbWatch("tracker", stop)
+    confirm_at = loop.time()
     while not stop.is_set():
         try:
             # The database away: back off and poll again. Other database errors: next tick.
@@ -528,6 +535,10 @@ async def run(ctx: EngineContext, stop: asyncio.Event, held: Held = None) -> Non
                 if cadence.wants(loop.time(), bool(ids - seen)):
                     cadence = await _poll_and_plan(ctx, tracked, clock)
                     seen = ids
+                if loop.time() >= confirm_at:
+                    # A deletion is done, and its quota free, once the image is gone.
+                    await rotation.confirm_everywhere(ctx, _driven(ctx, held))
+                    confirm_at = loop.time() + CONFIRM_TICKS * ctx.settings.tracker_min_interval
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
             # A statement failed (a deadlock, say); the next tick tries again.
             log.warning("tracker.poll_failed", error=repr(exc))
@@ -535,6 +546,10 @@ async def run(ctx: EngineContext, stop: asyncio.Event, held: Held = None) -> Non
         # Between polls the loop only looks for new images, once a tick: polling is CPU the
         # dispatcher shares (one event loop).
         await _sleep(stop, cadence.pause(loop.time(), ctx.settings.tracker_min_interval))
+
+
+def _driven(ctx: EngineContext, held: Held) -> Collection[str]:
+    return ctx.clients.keys() if held is None else held()
 
 
 async def _sleep(stop: asyncio.Event, seconds: float) -> None:

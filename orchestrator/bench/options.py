@@ -23,6 +23,7 @@ class Options:
     fault_rate: float = 0.2  # InternalError on every action
     busy_share: float = 0.1  # instances busy with another operation when the run starts
     busy_seconds: float = 10.0
+    delete_delay: float = 3.0  # the quota scenario: a deleted image lingers, DELETING
     slot: str = SLOT_NEXT_MINUTE  # first-call latency from a real cron slot, or from start
     baseline: bool = True
     seed: int = 2026
@@ -31,7 +32,7 @@ class Options:
     # intervals, so a CI run is not dominated by waits the default figures already show).
     daemon_settings: dict[str, float] = field(default_factory=dict)
     daemon_retry: dict[str, float] = field(default_factory=dict)
-    scenarios: tuple[str, ...] = ("baseline", "fleet", "faults", "ceiling", "memory")
+    scenarios: tuple[str, ...] = ("baseline", "fleet", "faults", "quota", "ceiling", "memory")
     quick: bool = False
 
 
@@ -45,6 +46,7 @@ def quick_options(base: Options) -> Options:
         memory_jobs=min(base.memory_jobs, 2000),
         memory_seconds=min(base.memory_seconds, 2.0),
         busy_seconds=1.0,
+        delete_delay=0.5,
         slot=SLOT_NOW,
         quick=True,
         daemon_settings={

@@ -28,6 +28,10 @@ TARGETS = (
     Target("CreateImage utilization", ("fleet", "utilization"), ">= 0.97", 0.97, operator.ge),
     Target("throttled calls (fleet)", ("fleet", "api", "throttled"), "0", 0, operator.eq),
     Target("completion / lower bound", ("fleet", "completion_ratio"), "<= 1.05", 1.05, operator.le),
+    Target(
+        "full-quota slot / roomy slot", ("quota", "completion_ratio"), "<= 1.5", 1.5, operator.le
+    ),
+    Target("deletions beyond the deficit", ("quota", "extra_deletions"), "0", 0, operator.eq),
     Target("engine ceiling", ("ceiling", "jobs_per_second"), ">= 500", 500, operator.ge, " jobs/s"),
     Target("peak RSS", ("memory", "peak_rss_mb"), "< 150", 150, operator.lt, " MB"),
     Target(

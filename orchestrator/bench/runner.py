@@ -25,6 +25,7 @@ from orchestrator.bench.fleet import fleet_at_limit
 from orchestrator.bench.harness import BenchError, Env
 from orchestrator.bench.memory import memory_at_scale
 from orchestrator.bench.options import Options
+from orchestrator.bench.quota import quota_rotation
 from orchestrator.bench.versus import baseline_clean, with_faults
 
 Scenario = Callable[[Env], Awaitable[dict[str, Any]]]
@@ -33,6 +34,7 @@ SCENARIOS: Mapping[str, tuple[str, Scenario]] = {
     "baseline": ("sequential SDK loop, clean fleet", baseline_clean),
     "fleet": ("cvm-backup at the real limit", fleet_at_limit),
     "faults": ("SDK loop and cvm-backup with faults", with_faults),
+    "quota": ("a full-quota slot beside the same slot with room", quota_rotation),
     "ceiling": ("engine ceiling, limits lifted", engine_ceiling),
     "memory": ("peak RSS with many jobs", memory_at_scale),
 }

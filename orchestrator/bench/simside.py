@@ -55,6 +55,7 @@ class Fleet:
     create_delay: tuple[float, float]
     faults: Faults = field(default_factory=Faults)
     seed: int = 0
+    delete_delay: float = 0.0  # how long a deleted image stays listed as DELETING
 
     @property
     def ids(self) -> list[str]:
@@ -71,6 +72,7 @@ class Fleet:
             instances=self.instances,
             default_quota=AMPLE_QUOTA,
             seed=self.seed,
+            delete_delay=self.delete_delay,
         )
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from orchestrator.errors import UsageError
 
-SCENARIO_NAMES = ("baseline", "fleet", "faults", "ceiling", "memory")
+SCENARIO_NAMES = ("baseline", "fleet", "faults", "quota", "ceiling", "memory")
 
 
 def _range(text: str) -> tuple[float, float]:
@@ -50,6 +50,11 @@ def register(subparsers: Any) -> None:
     add("--fault-rate", type=float, help="InternalError probability per call (default 0.2)")
     add("--busy-share", type=float, help="share of busy instances (default 0.1)")
     add(
+        "--delete-delay",
+        type=float,
+        help="seconds a deleted image stays DELETING in the quota scenario (default 3)",
+    )
+    add(
         "--slot",
         choices=(SLOT_NEXT_MINUTE, SLOT_NOW),
         help="time the first call from the "
@@ -79,6 +84,7 @@ _OVERRIDES = (
     "memory_seconds",
     "fault_rate",
     "busy_share",
+    "delete_delay",
     "slot",
     "seed",
 )
@@ -119,8 +125,8 @@ def _check(options: Any) -> None:
     for name in ("fault_rate", "busy_share"):
         if not 0 <= getattr(options, name) <= 1:
             raise UsageError(f"bench: --{name.replace('_', '-')} must be between 0 and 1")
-    if options.build_delay < 0 or options.memory_seconds < 0:
-        raise UsageError("bench: --build-delay and --memory-seconds must be >= 0")
+    if min(options.build_delay, options.memory_seconds, options.delete_delay) < 0:
+        raise UsageError("bench: --build-delay, --memory-seconds and --delete-delay must be >= 0")
     _check_daemon_settings(options.daemon_settings)
 
 

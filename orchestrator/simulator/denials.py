@@ -11,9 +11,9 @@ Scope = tuple[str | None, str | None, str]
 # Messages of the refusals (reference §4); CAM denials get one naming the action and region.
 MESSAGES = {
     "InvalidAccount.InsufficientBalance": "Insufficient account balance.",
-    "UnauthorizedOperation.PermissionDenied": "The CAM policy does not allow this operation.",
-    "AuthFailure.UnauthorizedOperation": "The request is not authorized.",
 }
+# The common code of a CAM denial; the UnauthorizedOperation* codes are CAM denials too.
+CAM_AUTH_FAILURE = "AuthFailure.UnauthorizedOperation"
 
 
 class Denials:
@@ -50,7 +50,9 @@ def message(code: str, action: str, region: str) -> str:
     known = MESSAGES.get(code)
     if known is not None:
         return known
-    if code.startswith("UnauthorizedOperation"):
+    # Every CAM code, PermissionDenied included: a scoped policy refuses one action in one
+    # region, and the message is how an operator learns which.
+    if code.startswith("UnauthorizedOperation") or code == CAM_AUTH_FAILURE:
         return (
             f"You are not authorized to perform operation (cvm:{action}) in region `{region}`: "
             "the CAM policy does not allow it."

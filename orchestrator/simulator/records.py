@@ -73,8 +73,10 @@ class InstanceRecord:
     state: str
     busy_until: float = 0.0
     creating: str | None = None
-    # When a short-lived state (Simulator.set_instance_state with seconds) ends; 0 for none.
+    # When a short-lived state (Simulator.set_instance_state with seconds) ends, 0 for none,
+    # and the state it becomes then.
     revert_at: float = 0.0
+    revert_to: str = "RUNNING"
 
     def visible_to(self, account: str, region: str) -> bool:
         """Whether an account sees this instance in a region."""

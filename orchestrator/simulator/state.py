@@ -124,8 +124,9 @@ class SimState:
         record = self.instances[instance_id]
         record.state = state
         record.revert_at = self.mono() + seconds if seconds else 0.0
+        record.revert_to = then
         if seconds:
-            self._timeline.at(record.revert_at, partial(_revert, record, record.revert_at, then))
+            self._timeline.at(record.revert_at, partial(_revert, record, record.revert_at))
 
     def set_busy(self, instance_id: str, seconds: float) -> None:
         """Make an instance answer InstanceOperationInProgress for a while (0 ends it)."""
@@ -303,8 +304,10 @@ class SimState:
         return body
 
 
-def _revert(record: InstanceRecord, due: float, state: str) -> None:
-    # A later set_instance_state replaced this short-lived state: leave the record alone.
+def _revert(record: InstanceRecord, due: float) -> None:
+    # A later set_instance_state replaced this short-lived state: leave the record alone. The
+    # state to return to is read from the record, not bound here: a replacement due at the
+    # same instant (a frozen or coarse clock) must return to its own `then`, not this one's.
     if record.revert_at == due:
-        record.state = state
+        record.state = record.revert_to
         record.revert_at = 0.0

@@ -33,6 +33,8 @@ TARGET_NAMES = {
     "engine ceiling",
     "peak RSS",
     "first call after slot",
+    "full-quota slot / roomy slot",
+    "deletions beyond the deficit",
 }
 
 
@@ -68,14 +70,18 @@ def test_bench_exits_zero_and_judges_every_target(
 
 
 def test_bench_records_each_scenario(bench_run: tuple[int, dict[str, Any], str]) -> None:
-    """Fleet, baseline, faults, ceiling and memory results carry their key figures."""
+    """Fleet, baseline, faults, quota, ceiling and memory results carry their key figures."""
     _, doc, _ = bench_run
     results = doc["results"]
-    assert set(results) == {"baseline", "fleet", "faults", "ceiling", "memory"}
+    assert set(results) == {"baseline", "fleet", "faults", "quota", "ceiling", "memory"}
     fleet = results["fleet"]
     assert fleet["instances"] == 6
     assert fleet["create_calls"] >= 6
     assert fleet["first_call"]["from"] == "daemon start"
+    quota = results["quota"]
+    assert (quota["roomy"]["deficit"], quota["full"]["deficit"]) == (0, 6)
+    assert quota["roomy"]["jobs"] == quota["full"]["jobs"] == {"succeeded": 6}
+    assert quota["full"]["backed_up"] == 6
     assert results["ceiling"]["jobs"] == 30
     assert results["memory"]["jobs"] == 120
     assert results["memory"]["peak_rss_mb"] >= results["memory"]["idle"]["rss_mb"]

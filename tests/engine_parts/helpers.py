@@ -60,6 +60,32 @@ async def add_job(
     )
 
 
+async def add_waiting(pool: asyncpg.Pool, policy_id: int, count: int) -> list[int]:
+    """`count` pending jobs of one run that each still need a unit of quota; their ids."""
+    run_id = await pool.fetchval(
+        "INSERT INTO runs (policy_id, slot) VALUES ($1, $2) RETURNING id", policy_id, NOW
+    )
+    rows = await pool.fetch(
+        "INSERT INTO jobs (run_id, policy_id, account, region, instance_id, slot, image_name,"
+        " deadline) SELECT $1, $2, $3, $4, 'ins-need' || lpad(n::text, 4, '0'), $5,"
+        " 'cvmbk-need-' || n, $5::timestamptz + interval '6 hours' FROM generate_series(1, $6) AS n"
+        " RETURNING id",
+        run_id,
+        policy_id,
+        ACCOUNT,
+        REGION,
+        NOW,
+        count,
+    )
+    return [r["id"] for r in rows]
+
+
+def fill_quota(sim: Simulator, room: int = 0) -> None:
+    """Set the region's quota to what exists there now plus `room`."""
+    live = [i for i in sim.state.images.values() if i.alive and i.region == REGION]
+    sim.state.quota[REGION] = len(live) + room
+
+
 async def record_image(
     pool: asyncpg.Pool,
     image_id: str,

@@ -14,6 +14,7 @@ from orchestrator.context import EngineContext
 from orchestrator.db import pool
 from orchestrator.simulator.config import Faults
 from orchestrator.simulator.runner import Simulator
+from tests.engine_parts.conftest import SimClock
 from tests.engine_parts.helpers import (
     ACCOUNT,
     FAILING,
@@ -22,9 +23,11 @@ from tests.engine_parts.helpers import (
     REGION,
     add_job,
     add_policy,
+    add_waiting,
     alive,
     deleted_ids,
     events,
+    fill_quota,
     foreign_alive,
     history,
     make_image,
@@ -149,21 +152,42 @@ async def _quota_region(engine: EngineContext, simulator: Simulator) -> dict[str
     return {"a": a, "b": b, "c": c, "failed": [failed]}
 
 
-async def test_rotation_evicts_failed_then_released_then_oldest(
+async def test_rotation_deletes_exactly_the_deficit_in_rank_order(
     engine: EngineContext, simulator: Simulator
 ) -> None:
-    """Order (a) CREATEFAILED, (b) retention's, (c) oldest with a newer NORMAL; then exhausted."""
+    """A full region and 5 jobs waiting: exactly 5 go, CREATEFAILED, retention's, then rank 3."""
     ids = await _quota_region(engine, simulator)
-    first = await rotation.rotate_for_quota(engine, ACCOUNT, REGION)
-    assert first.deleted == (ids["failed"][0], ids["a"][0], ids["a"][1])
-    assert (first.freed, first.wait, first.exhausted) == (3, False, False)
-    second = await rotation.rotate_for_quota(engine, ACCOUNT, REGION)
-    assert second.deleted == (ids["b"][0],)  # 2.5 days old, a[2] is 2
-    third = await rotation.rotate_for_quota(engine, ACCOUNT, REGION)
-    assert third.deleted == (ids["a"][2],)
+    policy = await engine.pool.fetchval("SELECT id FROM policies")
+    fill_quota(simulator)
+    await add_waiting(engine.pool, policy, 5)
+    first = await rotation.rotate_for_quota(engine, ACCOUNT, REGION, policy_id=policy)
+    # b[0] is 2.5 days old, a[2] 2 days: rank 3 goes round the instances, oldest first.
+    assert first.deleted == (ids["failed"][0], ids["a"][0], ids["a"][1], ids["b"][0], ids["a"][2])
+    assert first.room == 5
+    assert not first.exhausted
+    reasons = [r["reason"] for r in await events(engine.pool, "rotation.delete_requested")]
+    assert (
+        reasons == [rotation.RANK_FAILED] + [rotation.RANK_RELEASED] * 2 + [rotation.RANK_OWN] * 2
+    )
+    again = await rotation.rotate_for_quota(engine, ACCOUNT, REGION, policy_id=policy)
+    assert again.deleted == ()
+    assert again.room == 5
+
+
+async def test_rotation_reports_exhaustion_when_nothing_can_go(
+    engine: EngineContext, simulator: Simulator
+) -> None:
+    """Only each instance's newest NORMAL left and more jobs waiting: exhausted, logged once."""
+    ids = await _quota_region(engine, simulator)
+    policy = await engine.pool.fetchval("SELECT id FROM policies")
+    fill_quota(simulator)
+    await add_waiting(engine.pool, policy, 9)
+    first = await rotation.rotate_for_quota(engine, ACCOUNT, REGION, policy_id=policy)
+    assert len(first.deleted) == 5
+    fill_quota(simulator)
     with capture_logs() as logs:
-        last = await rotation.rotate_for_quota(engine, ACCOUNT, REGION)
-    assert (last.freed, last.wait, last.exhausted) == (0, False, True)
+        last = await rotation.rotate_for_quota(engine, ACCOUNT, REGION, policy_id=policy)
+    assert (last.room, last.wait, last.exhausted) == (0, False, True)
     assert {"event": "quota.exhausted", "account": ACCOUNT, "region": REGION} in [
         {k: e.get(k) for k in ("event", "account", "region")} for e in logs
     ]
@@ -175,6 +199,33 @@ async def test_rotation_evicts_failed_then_released_then_oldest(
     assert len(deleted_ids(simulator)) == len(set(deleted_ids(simulator))) == 5
 
 
+async def test_deleting_images_count_as_room_coming(
+    engine: EngineContext, simulator: Simulator, sim_clock: SimClock
+) -> None:
+    """Under a delete delay, sent deletions are room on its way: no second round of evictions,
+    and the row is deleted only once the image is gone."""
+    simulator.state.config = replace(simulator.state.config, delete_delay=30.0)
+    policy = await add_policy(engine.pool, keep_last=5)
+    history_ids = {i: await history(engine, policy, i, 4) for i in (A, B)}
+    fill_quota(simulator)
+    await add_waiting(engine.pool, policy, 2)
+    first = await rotation.rotate_for_quota(engine, ACCOUNT, REGION, policy_id=policy)
+    assert first.deleted == (history_ids[A][0], history_ids[B][0])
+    assert first.wait
+    assert first.room == 0
+    assert [simulator.state.images[i].state for i in first.deleted] == ["DELETING"] * 2
+    again = await rotation.rotate_for_quota(engine, ACCOUNT, REGION, policy_id=policy)
+    assert again.deleted == ()
+    assert again.wait
+    live = await engine.pool.fetchval("SELECT count(*) FROM images WHERE deleted_at IS NULL")
+    assert live == 8
+    sim_clock.advance(31)
+    assert await rotation.confirm_everywhere(engine, [ACCOUNT]) == 2
+    confirmed = await rotation.rotate_for_quota(engine, ACCOUNT, REGION, policy_id=policy)
+    assert (confirmed.deleted, confirmed.room) == ((), 2)
+    assert len(simulator.state.deletions) == 2
+
+
 async def test_rotation_waits_while_images_are_being_built(
     engine: EngineContext, simulator: Simulator
 ) -> None:
@@ -183,9 +234,11 @@ async def test_rotation_waits_while_images_are_being_built(
     await history(engine, policy, A, 1)
     simulator.state.create_delay = (60.0, 60.0)
     await record_image(engine.pool, await make_image(engine, A), policy, A, NOW, state="CREATING")
+    fill_quota(simulator)
+    [job] = await add_waiting(engine.pool, policy, 1)
     with capture_logs() as logs:
-        result = await rotation.rotate_for_quota(engine, ACCOUNT, REGION)
-    assert (result.freed, result.wait, result.exhausted) == (0, True, False)
+        result = await rotation.rotate_for_quota(engine, ACCOUNT, REGION, job_id=job)
+    assert (result.room, result.wait, result.exhausted) == (0, True, False)
     assert "quota.exhausted" not in [e["event"] for e in logs]
     assert simulator.state.deletions == []
 
@@ -193,22 +246,24 @@ async def test_rotation_waits_while_images_are_being_built(
 async def test_concurrent_rotations_free_distinct_images(
     engine: EngineContext, simulator: Simulator, pg_dsn: str
 ) -> None:
-    """Rotations racing in one region, from two pools (two replicas), free distinct images."""
+    """Rotations racing in one region, from two pools (two replicas), free the deficit once."""
     policy = await add_policy(engine.pool, keep_last=5)
     ids = await history(engine, policy, A, 5)
+    fill_quota(simulator)
+    await add_waiting(engine.pool, policy, 3)
     second = await pool.create_pool_dsn(pg_dsn, min_size=1, max_size=2)
     try:
         replica = replace(engine, pool=second, worker_id="other-host:2:def")
         contexts = (engine, replica, engine, replica)
         results = await asyncio.gather(
-            *(rotation.rotate_for_quota(ctx, ACCOUNT, REGION) for ctx in contexts)
+            *(rotation.rotate_for_quota(ctx, ACCOUNT, REGION, policy_id=policy) for ctx in contexts)
         )
     finally:
         await second.close()
     freed = [i for r in results for i in r.deleted]
-    assert sorted(freed) == sorted(ids[:4])
-    assert deleted_ids(simulator) == ids[:4]
-    assert alive(simulator, ids[4])
+    assert sorted(freed) == sorted(ids[:3])
+    assert deleted_ids(simulator) == ids[:3]
+    assert all(alive(simulator, i) for i in ids[3:])
 
 
 async def test_region_lock_is_held_in_postgres(engine: EngineContext, pg_dsn: str) -> None:
@@ -231,18 +286,19 @@ async def test_released_creating_job_counts_as_in_flight(
     """A released job whose CreateImage may have worked means wait; a leased one does not."""
     policy = await add_policy(engine.pool, keep_last=1)
     await history(engine, policy, A, 1)
+    fill_quota(simulator)
     job = await add_job(engine.pool, policy, B, "img-unknown1", NOW)
     await engine.pool.execute(
         "UPDATE jobs SET state = 'creating', image_id = NULL, lease_owner = 'me',"
         " lease_expires_at = now() + interval '1 minute' WHERE id = $1",
         job,
     )
-    held = await rotation.rotate_for_quota(engine, ACCOUNT, REGION)
+    held = await rotation.rotate_for_quota(engine, ACCOUNT, REGION, job_id=job)
     assert (held.wait, held.exhausted) == (False, True)
     await engine.pool.execute(
         "UPDATE jobs SET lease_owner = NULL, lease_expires_at = NULL WHERE id = $1", job
     )
-    released = await rotation.rotate_for_quota(engine, ACCOUNT, REGION)
+    released = await rotation.rotate_for_quota(engine, ACCOUNT, REGION, job_id=job)
     assert (released.wait, released.exhausted) == (True, False)
     assert simulator.state.deletions == []
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from dataclasses import replace
 
@@ -9,6 +10,7 @@ import pytest
 from tencentcloud.common.exception.tencent_cloud_sdk_exception import (
     TencentCloudSDKException,
 )
+from tencentcloud.cvm.v20170312 import models
 
 from orchestrator.simulator.config import SimConfig
 from orchestrator.simulator.runner import Simulator, run_simulator
@@ -107,3 +109,46 @@ async def test_sdk_token_is_checked_when_configured(sim_config: SimConfig) -> No
         assert (await sdk_call(good, "DescribeImageQuota"))["ImageNumQuota"] == TEST_QUOTA
         bad = sdk_client(sim, token="stale-token")
         assert await sdk_error(bad, "DescribeImageQuota") == "AuthFailure.TokenFailure"
+
+
+async def test_sdk_parses_a_deleting_image(sim_config: SimConfig) -> None:
+    """The SDK's Image model reads ImageState DELETING (delete_delay) like any other state."""
+    clock = FrozenClock()
+    config = replace(sim_config, delete_delay=30.0)
+    async with run_simulator(config, mono=clock) as sim:
+        client = sdk_client(sim)
+        await sdk_call(client, "DeleteImages", {"ImageIds": [FOREIGN_IMAGE.image_id]})
+        request = models.DescribeImagesRequest()
+        request.ImageIds = [FOREIGN_IMAGE.image_id]
+        response = await asyncio.to_thread(client.DescribeImages, request)
+        (image,) = response.ImageSet
+        assert (image.ImageId, image.ImageState, response.TotalCount) == (
+            FOREIGN_IMAGE.image_id,
+            "DELETING",
+            1,
+        )
+        code = await sdk_error(client, "DeleteImages", {"ImageIds": [FOREIGN_IMAGE.image_id]})
+        assert code == "InvalidImageId.IncorrectState"
+
+
+async def test_sdk_reads_local_disks_and_their_refusal(sim_config: SimConfig) -> None:
+    """The SDK reads LOCAL_SSD data disks and the LocalDataDiskNotSupport error of CreateImage."""
+    spec = replace(
+        sim_config.instances[0], local_data_disk_ids=("ldisk-sdk1",), local_disk_type="LOCAL_SSD"
+    )
+    async with run_simulator(replace(sim_config, instances=(spec,))) as sim:
+        client = sdk_client(sim)
+        request = models.DescribeInstancesRequest()
+        request.InstanceIds = [spec.instance_id]
+        response = await asyncio.to_thread(client.DescribeInstances, request)
+        disks = [(d.DiskId, d.DiskType) for d in response.InstanceSet[0].DataDisks]
+        assert disks == [(spec.data_disk_ids[0], "CLOUD_PREMIUM"), ("ldisk-sdk1", "LOCAL_SSD")]
+        with pytest.raises(TencentCloudSDKException) as caught:
+            await sdk_call(
+                client,
+                "CreateImage",
+                {"InstanceId": spec.instance_id, "ImageName": "x", "DataDiskIds": ["ldisk-sdk1"]},
+            )
+        assert caught.value.get_code() == "InvalidParameter.LocalDataDiskNotSupport"
+        assert "ldisk-sdk1" in caught.value.get_message()
+        assert caught.value.get_request_id()
