@@ -155,6 +155,9 @@ class Engine:
         self.prober = Prober(
             ctx, held=self._driven, timings=probe, on_change=self.dispatcher.pause_changed
         )
+        # Each pause the dispatcher records reaches the prober, whose next round then tells
+        # the dispatcher when it is lifted, however soon after.
+        self.dispatcher.on_paused = self.prober.noted
         self.scheduler = Scheduler(ctx, on_created=self.dispatcher.wake, driven=self._driven)
         self._beat_stop = asyncio.Event()
         self._failed: list[str] = []

@@ -78,6 +78,7 @@ class Dispatcher:
         # claimed just before its account or region was paused from calling the API. Keys are
         # (account, None) for an account-wide pause, (account, region) for a regional one.
         self.paused: set[pauses.Scope] = set()
+        self.on_paused: Callable[[pauses.Scope], None] | None = None
         self.probe = probe or ProbeTimings()
         self.wake = asyncio.Event()
         # When the idle loop looks again (None: not idle); a retry due sooner wakes it.
@@ -571,7 +572,10 @@ class Dispatcher:
             first_probe=self.probe.base,
             policy=job.policy_name,
         )
-        self.paused.add((job.account, pauses.scope_of(exc, job.region)))
+        scope = (job.account, pauses.scope_of(exc, job.region))
+        self.paused.add(scope)
+        if self.on_paused is not None:
+            self.on_paused(scope)
         if paused is not None:
             _log_paused(paused, exc)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable, Collection
 from datetime import UTC, datetime
 from typing import Protocol
@@ -60,7 +61,9 @@ class Prober:
         self.timings = timings or ProbeTimings()
         self.on_change = on_change
         self.wake = asyncio.Event()
-        self._seen: set[Scope] = set()
+        # Each pause this replica knows of, with when it learnt of it (monotonic): from a
+        # round's read of the table, or from its own dispatcher (`noted`) the moment it paused.
+        self._seen: dict[Scope, float] = {}
 
     @property
     def paused(self) -> frozenset[str]:
@@ -71,6 +74,10 @@ class Prober:
     def scopes(self) -> frozenset[Scope]:
         """The pauses of this replica as of the last round: (account, region or None)."""
         return frozenset(self._seen)
+
+    def noted(self, scope: Scope) -> None:
+        """This replica's dispatcher just recorded the pause `scope` (the row is committed)."""
+        self._seen.setdefault(scope, time.monotonic())
 
     async def run(self, stop: asyncio.Event) -> None:
         """Probe due pauses until `stop`; a round every poll interval or when woken."""
@@ -85,8 +92,9 @@ class Prober:
         """Re-read the pauses, probe the due ones; seconds until the next probe is due."""
         self.wake.clear()
         accounts = self._accounts()
+        read_at = time.monotonic()
         current = await pauses.listed(self.ctx.pool, accounts)
-        self._sync({p.scope for p in current}, accounts)
+        self._sync({p.scope for p in current}, accounts, read_at)
         due = [p for p in current if p.probe_at <= _now()]
         for pause in due:
             await self.probe(pause)
@@ -160,19 +168,21 @@ class Prober:
         self._forget(pause.scope)
         return True
 
-    def _sync(self, current: set[Scope], accounts: Collection[str]) -> None:
-        # Only a pause one round saw and the next one not is reported lifted: a pause the
-        # dispatcher adds while a round reads the table is never mistaken for a lift.
-        for scope in sorted(self._seen - current, key=_order):
+    def _sync(self, current: set[Scope], accounts: Collection[str], read_at: float) -> None:
+        # A pause known before this read began and absent from it was lifted, even one no
+        # round saw (paused and resumed between two rounds); one learnt while the read ran
+        # may be missing from it only because its row came later: never mistaken for a lift.
+        gone = [s for s, known in self._seen.items() if s not in current and known < read_at]
+        for scope in sorted(gone, key=_order):
             if scope[0] in accounts:  # else only its lease went: nothing was lifted
                 log.info("account.resumed", account=scope[0], scope_region=scope[1], by="elsewhere")
             self._forget(scope)
-        for scope in sorted(current - self._seen, key=_order):
-            self._seen.add(scope)
+        for scope in sorted(current - self._seen.keys(), key=_order):
+            self._seen[scope] = read_at
             self._notify(scope, paused=True)
 
     def _forget(self, scope: Scope) -> None:
-        self._seen.discard(scope)
+        self._seen.pop(scope, None)
         self._notify(scope, paused=False)
 
     def _notify(self, scope: Scope, *, paused: bool) -> None:

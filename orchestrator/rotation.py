@@ -428,7 +428,9 @@ async def confirm_everywhere(ctx: EngineContext, accounts: Collection[str]) -> i
         if account not in accounts:
             continue
         try:
-            async with ctx.pool.acquire() as conn:
+            # Under the lock: a rotation measuring meanwhile must see a confirmation either
+            # both in the listing and the table or in neither, or it would evict one too many.
+            async with region_lock(ctx, account, region) as conn:
                 confirmed += len(await confirm_deletions(ctx, conn, account, region))
         except TencentError as exc:
             # Cannot tell now: the deletions stay in flight and the next pass looks again.
@@ -583,11 +585,11 @@ async def sweep_quiet(ctx: EngineContext, pairs: Iterable[Pair]) -> list[Pair]:
 
 # -- quota rotation ---------------------------------------------------------------------------
 
-# Jobs that still need a unit of quota: not yet created, or mid-call with no image id yet (the
-# caller, whose CreateImage just answered ImageQuotaLimitExceeded, among them). Counted once
-# each, whichever replica holds them.
+# Jobs that may still need a unit of quota: not yet created, or mid-call with no image id yet
+# (the caller, whose CreateImage just answered ImageQuotaLimitExceeded, among them). Counted
+# once each, whichever replica holds them; `measure` drops those whose image is already there.
 _NEED = """
-SELECT count(*) FROM jobs
+SELECT image_name FROM jobs
 WHERE account = $1 AND region = $2
   AND (state IN ('pending', 'claimed') OR (state = 'creating' AND image_id IS NULL) OR id = $3)
 """
@@ -687,6 +689,9 @@ class Picture:
     occupied: int  # images listed, and ours not (yet) listed, DELETING ones included
     going: int  # ours whose deletion is under way: room once they are gone
     need: int  # jobs that still need a unit of quota
+    # Jobs whose image is already there but not yet recorded (an answer lost to a fault): once
+    # adopted and NORMAL, their older images become evictable, so room is still coming.
+    unrecorded: int = 0
 
     @property
     def room(self) -> int:
@@ -699,17 +704,17 @@ class Picture:
         return max(self.need - self.room - self.going, 0)
 
 
-async def _private_ids(ctx: EngineContext, account: str, region: str) -> set[str]:
-    """Ids of every private image DescribeImages lists in the region (DELETING included)."""
+async def _private(ctx: EngineContext, account: str, region: str) -> dict[str, str]:
+    """Every private image DescribeImages lists in the region (DELETING included): id -> name."""
     client = ctx.client(account)
-    ids: set[str] = set()
+    found: dict[str, str] = {}
     offset = 0
     while True:
         page = await client.describe_images(region, filters=_PRIVATE, offset=offset, limit=BATCH)
-        ids.update(i.image_id for i in page.images)
+        found.update((i.image_id, i.name) for i in page.images)
         offset += len(page.images)
         if not page.images or offset >= page.total_count:
-            return ids
+            return found
 
 
 async def measure(
@@ -717,18 +722,26 @@ async def measure(
 ) -> Picture:
     """Quota, what occupies it, what is going, and what is needed, in one region."""
     quota = await ctx.client(account).describe_image_quota(region)
-    listed = await _private_ids(ctx, account, region)
+    listed = await _private(ctx, account, region)
     rows = await conn.fetch(
-        "SELECT image_id, delete_requested_at FROM images"
+        "SELECT image_id, name, delete_requested_at FROM images"
         " WHERE account = $1 AND region = $2 AND deleted_at IS NULL",
         account,
         region,
     )
     # A new image may not be listed yet (listing lag) but already holds its unit: the union.
-    occupied = listed | {r["image_id"] for r in rows}
+    occupied = set(listed) | {r["image_id"] for r in rows}
     going = sum(1 for r in rows if r["delete_requested_at"] is not None)
-    need = int(await conn.fetchval(_NEED, account, region, job_id) or 0)
-    return Picture(quota=quota, occupied=len(occupied), going=going, need=need)
+    # Read last, so a job that made its image meanwhile errs toward evicting too little (its
+    # CreateImage meets the quota again and asks anew), never too much. A job whose image is
+    # already there (its answer not yet recorded) holds its unit: it is occupied, not needed.
+    made = set(listed.values()) | {r["name"] for r in rows}
+    names = [r["image_name"] for r in await conn.fetch(_NEED, account, region, job_id)]
+    need = sum(1 for name in names if name not in made)
+    unrecorded = len(names) - need
+    return Picture(
+        quota=quota, occupied=len(occupied), going=going, need=need, unrecorded=unrecorded
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -771,7 +784,8 @@ async def _conclude(
     room = picture.room + gone  # deletions confirmed right away are room already
     if room > 0:
         return RotationResult(room=room, deleted=deleted, picture=picture)
-    if sent or picture.going or await conn.fetchval(_IN_FLIGHT, account, region):
+    coming = sent or picture.going or picture.unrecorded
+    if coming or await conn.fetchval(_IN_FLIGHT, account, region):
         log.info("rotation.waiting", account=account, region=region, going=picture.going)
         return RotationResult(wait=True, deleted=deleted, picture=picture)
     log.error("quota.exhausted", account=account, region=region)
@@ -818,6 +832,7 @@ async def rotate_for_quota(
             occupied=picture.occupied,
             going=picture.going,
             need=picture.need,
+            unrecorded=picture.unrecorded,
             evicted=len(sent),
         )
         gone = await confirm_soon(ctx, conn, account, region, sent) if sent else 0

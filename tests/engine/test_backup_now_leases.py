@@ -56,9 +56,10 @@ def _process(
 
 
 async def _manual_policy(pool: asyncpg.Pool) -> None:
-    # Not due on its own schedule (1 January, a one-minute window): only backup-now runs it.
+    # Not due on its own schedule (1 January): only backup-now runs it. The window outlasts a
+    # slow machine: a run made at :59 must not expire at the next minute.
     await insert_policy(
-        pool, "manual", instance_tags={"backup": "daily"}, schedule="0 0 1 1 *", window="1 minute"
+        pool, "manual", instance_tags={"backup": "daily"}, schedule="0 0 1 1 *", window="1 hour"
     )
 
 

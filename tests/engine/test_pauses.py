@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import replace
 from datetime import UTC, datetime
 
@@ -243,3 +244,46 @@ async def test_only_the_replica_driving_the_account_probes_it(
     await holder.round()
     assert simulator.state.count_calls("CreateImage") == 1
     assert await _pause_row(pg_pool) is None
+
+
+async def _record_pause(pool: asyncpg.Pool, prober: Prober) -> None:
+    """A pause recorded by this replica's dispatcher: the row first, then `noted`."""
+    await pauses.pause(
+        pool,
+        "default",
+        TencentError(BALANCE, "no money", "req-4"),
+        region=TEST_REGION,
+        instance_id="ins-1",
+        first_probe=3600,
+    )
+    prober.noted(("default", None))
+
+
+async def test_a_pause_lifted_before_any_round_saw_it_reaches_the_dispatcher(
+    engine_ctx: EngineContext, pg_pool: asyncpg.Pool
+) -> None:
+    """Paused by this replica and resumed before the next round: that round reports the lift."""
+    changes: list[tuple[str, bool, str | None]] = []
+    prober = Prober(engine_ctx, timings=NO_PROBE, on_change=lambda *c: changes.append(c))
+    await _record_pause(pg_pool, prober)
+    assert await pauses.resume(pg_pool, "default", "operator") is not None
+    await prober.round()
+    assert changes == [("default", False, None)]
+    assert prober.paused == frozenset()
+
+
+async def test_a_pause_noted_while_a_round_reads_is_not_taken_for_a_lift(
+    engine_ctx: EngineContext, pg_pool: asyncpg.Pool
+) -> None:
+    """A read that began before the pause was recorded keeps it; the next round sees its row."""
+    changes: list[tuple[str, bool, str | None]] = []
+    prober = Prober(engine_ctx, timings=NO_PROBE, on_change=lambda *c: changes.append(c))
+    read_at = time.monotonic()
+    before = {p.scope for p in await pauses.listed(pg_pool)}
+    await _record_pause(pg_pool, prober)  # lands after that read: missing from `before`
+    prober._sync(before, {"default"}, read_at)
+    assert changes == []
+    assert prober.paused == {"default"}
+    await prober.round()
+    assert changes == []
+    assert prober.paused == {"default"}
