@@ -74,9 +74,9 @@ class Settings:
     # network jitter allowed for); at the defaults this cap does not bind.
     rate_margin: float = 0.97
     limiter_jitter: float = 0.02
-    request_timeout: float = 30.0
+    request_timeout: float = 20.0
     max_in_flight: int = 64
-    lease_seconds: float = 30.0
+    lease_seconds: float = 60.0
     poll_interval: float = 5.0
     tracker_min_interval: float = 0.5
     tracker_max_interval: float = 30.0
@@ -295,10 +295,16 @@ _RULES: Mapping[type, Mapping[str, Check]] = {
 _HINTS: Mapping[type, Mapping[str, object]] = {cls: get_type_hints(cls) for cls in _RULES}
 
 # (smaller, larger): the first must not exceed the second.
+# (low, high, share): low must not exceed high / share.
 _ORDERED = (
-    ("tracker_min_interval", "tracker_max_interval"),
-    ("retry.transient_base", "retry.max_delay"),
-    ("retry.busy_base", "retry.max_delay"),
+    ("tracker_min_interval", "tracker_max_interval", 1),
+    ("retry.transient_base", "retry.max_delay", 1),
+    ("retry.busy_base", "retry.max_delay", 1),
+    # A CreateImage still on the wire when its job's lease ends could land after another
+    # worker took the job over and made the image: the fence (orchestrator.fence) stops
+    # sending a call once less than request_timeout of the lease is left, so half the lease
+    # is the most a call may take and still leave room to send it.
+    ("request_timeout", "lease_seconds", 2),
 )
 
 
@@ -442,12 +448,13 @@ def _value(settings: Settings, dotted: str) -> Any:
 
 def _check_order(settings: Settings, source: str, problems: _Problems) -> None:
     """Pairs whose first must not exceed the second, once both are individually good."""
-    for low, high in _ORDERED:
+    for low, high, share in _ORDERED:
         if {low, high} & problems.fields:
             continue
         smaller, larger = _value(settings, low), _value(settings, high)
-        if smaller > larger:
-            problems.add(source, low, f"must not exceed {high} ({smaller} > {larger})")
+        if smaller > larger / share:
+            bound = high if share == 1 else f"1/{share} of {high}"
+            problems.add(source, low, f"must not exceed {bound} ({smaller} > {larger / share:g})")
 
 
 def load(env: Mapping[str, str] | None = None) -> Settings:

@@ -21,6 +21,7 @@ from orchestrator import backoff, jobs, logs, naming, pauses, quota_gate
 from orchestrator.context import EngineContext
 from orchestrator.db.batch import GroupWriter
 from orchestrator.db.resilience import DbWatch, is_connection_error
+from orchestrator.fence import Fence
 from orchestrator.jobs import ImageRecord, Job
 from orchestrator.pauses import ProbeTimings
 from orchestrator.tencent.client import CallWithheld
@@ -40,6 +41,12 @@ DB_BLIPS = (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError)
 
 # A job whose exact name belongs to an image that is not provably ours ends with this code.
 NAME_TAKEN = "ImageNameTaken"
+# CreateImage's answer when the name is taken; ours, if no look-up lists it: listed late.
+DUPLICATE = "InvalidImageName.Duplicate"
+# How long past its window a job whose name the API said was taken keeps looking for its
+# image: DescribeImages can list a new image late (Terraform retries an empty answer for up
+# to an hour). After that the job expires; the reconciliation adopts the image if it shows.
+LISTING_GRACE = timedelta(hours=1)
 
 
 class NameTaken(TencentError):
@@ -84,6 +91,8 @@ class Dispatcher:
         # When the idle loop looks again (None: not idle); a retry due sooner wakes it.
         self._idle_until: datetime | None = None
         self._in_flight: dict[int, asyncio.Task[None]] = {}
+        # When each job's lease was last surely ours: no CreateImage goes out past it.
+        self.fence = Fence(ctx.settings.lease_seconds, ctx.settings.request_timeout)
         self._slots = asyncio.Semaphore(ctx.settings.max_in_flight)
         # (account, region) -> until when this process knows its image quota to be full.
         self._full: dict[tuple[str, str], datetime] = {}
@@ -113,6 +122,7 @@ class Dispatcher:
         if wanted == 0:
             return 0
         claimed: list[Job] = []
+        sent = self.fence.now()
         try:
             claimed = await jobs.claim(
                 self.ctx.pool,
@@ -121,10 +131,12 @@ class Dispatcher:
                 self.ctx.settings.lease_seconds,
                 run_id=self.run_id,
                 accounts=self._accounts(),
+                busy=self._in_flight.keys(),
             )
         finally:
             # A failed claim (the database away) must give its slots back, or they leak for good.
             self._give_back(wanted - len(claimed))
+        self.fence.leased((job.id for job in claimed), sent)
         for job in claimed:
             task = asyncio.create_task(self._guarded(job), name=f"job-{job.id}")
             self._in_flight[job.id] = task
@@ -225,7 +237,9 @@ class Dispatcher:
         if self._in_flight:
             ids = list(self._in_flight)
             lease = self.ctx.settings.lease_seconds
-            await jobs.renew(self.ctx.pool, self.ctx.worker_id, ids, lease)
+            sent = self.fence.now()
+            renewed = await jobs.renew(self.ctx.pool, self.ctx.worker_id, ids, lease)
+            self.fence.leased(renewed, sent)
 
     async def shutdown(self, grace: float) -> list[int]:
         """Let in-flight jobs finish within `grace`, cancel the rest and release their leases."""
@@ -267,7 +281,9 @@ class Dispatcher:
             # The lease lapses and the job is reclaimed; a 'creating' one is resolved by name.
             log.exception("job.error", job=job.id)
         finally:
-            self._in_flight.pop(job.id, None)
+            if self._in_flight.get(job.id) is asyncio.current_task():
+                del self._in_flight[job.id]
+            self.fence.forget(job.id)
             self._slots.release()
 
     # -- call --------------------------------------------------------------------------------
@@ -284,9 +300,19 @@ class Dispatcher:
         if job.state == "creating" and not await self._resolve_earlier(job):
             return
         if _now() >= job.deadline:
-            await self._finish(job, "expired", reason="window_closed")
+            await self._past_window(job)
             return
         await self._create(job)
+
+    async def _past_window(self, job: Job) -> None:
+        """The window closed: expire, unless a name the API said was taken may be listed late."""
+        taken = job.state == "creating" and job.last_error_code == DUPLICATE
+        if taken and _now() < job.deadline + LISTING_GRACE:
+            # A look-up just answered "no such name", yet CreateImage said it is taken: the
+            # image exists and is not listed yet. Look again; never make another.
+            await self._backoff(job, None, ErrorClass.TRANSIENT, "creating", "duplicate_unseen")
+            return
+        await self._finish(job, "expired", reason="window_closed")
 
     async def _resolve_earlier(self, job: Job) -> bool:
         """A call may have been made before: look the name up first; True to go on creating."""
@@ -336,9 +362,7 @@ class Dispatcher:
     async def _create(self, job: Job) -> None:
         if job.gated and await self._quota_gated(job):
             return
-        # A job the gate let through (a token, the probe) goes; the others are asked again at
-        # the limiter's grant, after seconds in its queue in which the region may have filled.
-        guard = None if job.gated else functools.partial(self._room_may_exist, job)
+        guard = functools.partial(self._may_send, job)
         client = self.ctx.client(job.account)
         try:
             disks = await self._data_disks(job)
@@ -409,19 +433,17 @@ class Dispatcher:
                 # Cannot be ours: the call that just succeeded made an image with our tags.
                 await self._name_taken(job, taken)
                 return
+            except TencentError as exc:
+                # Unanswered: the job stays 'creating' below, with this success's request id.
+                log.info("job.lookup_failed", code=exc.code, request_id=exc.request_id)
+                break
             if found is not None:
                 await self._record_image(
                     job, found.image_id, found.state, result.request_id, "created_no_id"
                 )
                 return
             await asyncio.sleep(_LEGACY_LOOKUP_DELAY * (attempt + 1))
-        when = backoff.next_attempt(
-            _now(),
-            1,
-            self.ctx.settings.retry.transient_base,
-            self.ctx.settings.retry.max_delay,
-            job.deadline,
-        )
+        when = self._after(job, self.ctx.settings.retry.transient_base, attempt=1)
         await self._retry(
             job,
             when,
@@ -471,21 +493,38 @@ class Dispatcher:
 
     async def _on_throttled(self, job: Job, exc: TencentError, maybe_created: bool) -> None:
         # The limiter already slowed down; a throttled call was not executed: not an attempt.
-        when = _now() + _seconds(self.ctx.settings.retry.throttle_delay)
-        state = "creating" if maybe_created or job.state == "creating" else "pending"
-        await self._retry(job, min(when, job.deadline), state, count=False, error=exc)
+        state = _state(job, maybe_created)
+        when = self._capped(job, _now() + _seconds(self.ctx.settings.retry.throttle_delay))
+        await self._retry(job, when, state, count=False, error=exc)
 
     async def _on_busy(self, job: Job, exc: TencentError, maybe_created: bool) -> None:
-        await self._backoff(job, exc, ErrorClass.BUSY, "pending")
+        await self._backoff(job, exc, ErrorClass.BUSY, _state(job, False))
 
     async def _on_transient(self, job: Job, exc: TencentError, maybe_created: bool) -> None:
-        state = "creating" if maybe_created or job.state == "creating" else "pending"
+        state = _state(job, maybe_created)
         failures = await self._transient_failures(job) + 1
         if failures < self.ctx.settings.retry.max_transient_attempts:
             await self._backoff(job, exc, ErrorClass.TRANSIENT, state)
             return
-        # Out of budget; a call that may have worked is checked one last time before failing.
-        if state == "creating" and await self._adopt_if_found(job):
+        if state == "creating":
+            await self._last_lookup(job, exc)
+            return
+        await self._finish(job, "failed", reason="retries_exhausted", error=exc, count=True)
+
+    async def _last_lookup(self, job: Job, exc: TencentError) -> None:
+        """Out of budget, and a call may have made an image: terminal once a look-up answered."""
+        try:
+            found = await self._lookup(job)
+        except NameTaken as taken:
+            await self._name_taken(job, taken)
+            return
+        except TencentError as lookup:
+            # No answer: the image may exist. Keep looking, with real backoff, past the
+            # window if need be; the look-ups' own failures grow the delay.
+            await self._backoff(job, lookup, ErrorClass.TRANSIENT, "creating", "lookup_unanswered")
+            return
+        if found is not None:
+            await self._adopt(job, found, how="resolved_by_name")
             return
         await self._finish(job, "failed", reason="retries_exhausted", error=exc, count=True)
 
@@ -497,18 +536,20 @@ class Dispatcher:
         key = (job.account, job.region)
         if room.freed > 0:
             self._full.pop(key, None)
-            await self._retry(job, _now(), "pending", count=False, error=exc, outcome="rotated")
+            state = _state(job, False)
+            await self._retry(job, _now(), state, count=False, error=exc, outcome="rotated")
         elif room.exhausted and await self._exhaustion_confirmed(job):
             await self._finish(job, "failed", reason="quota_exhausted", error=exc, count=True)
         elif room.exhausted:
             outcome = "quota_exhausted_unconfirmed"
-            await self._backoff(job, exc, ErrorClass.TRANSIENT, "pending", outcome=outcome)
+            await self._backoff(job, exc, ErrorClass.TRANSIENT, _state(job, False), outcome)
         else:
             # Our images still being built will make older ones evictable: wait behind the
             # region's closed gate (a settled image or the gate's backoff reopens it).
-            when = min(room.reopen_at or _now(), job.deadline)
+            when = self._capped(job, room.reopen_at or _now())
             self._full[key] = when
-            await self._retry(job, when, "pending", count=True, error=exc, outcome="quota_wait")
+            state = _state(job, False)
+            await self._retry(job, when, state, count=True, error=exc, outcome="quota_wait")
 
     def _room_may_exist(self, job: Job) -> bool:
         """False while this process knows the job's region to be full (its gate's backoff)."""
@@ -519,21 +560,44 @@ class Dispatcher:
             until = None
         return until is None
 
+    def _may_send(self, job: Job) -> bool:
+        """Asked at the limiter's grant, the moment before CreateImage goes out."""
+        # The fence first: a job whose lease may have ended sends nothing. Then a job the
+        # gate let through (a token, the probe) goes; the others are asked again whether
+        # their region filled in the seconds they queued.
+        return self.fence.open(job.id) and (job.gated or self._room_may_exist(job))
+
     async def _withheld(self, job: Job) -> None:
+        if not self.fence.open(job.id):
+            await self._fenced(job)
+            return
         # The region filled while the job queued at the limiter: park it behind the gate, as
         # if it had been claimed after the gate closed. No call was made: not an attempt.
-        when = min(self._full.get((job.account, job.region), _now()), job.deadline)
-        await self._retry(job, when, "pending", count=False, error=None, outcome="quota_gated")
+        when = self._capped(job, self._full.get((job.account, job.region), _now()))
+        state = _state(job, False)
+        await self._retry(job, when, state, count=False, error=None, outcome="quota_gated")
+
+    async def _fenced(self, job: Job) -> None:
+        # Its lease may be another worker's by now: write nothing (the lease guard would
+        # refuse it anyway) and let the lease lapse; the next owner resolves the name first.
+        age = self.fence.age(job.id)
+        log.warning(
+            "job.fenced",
+            action="CreateImage",
+            lease_age=None if age is None else round(age, 3),
+            lease_seconds=self.ctx.settings.lease_seconds,
+        )
 
     async def _quota_gated(self, job: Job) -> bool:
         """Park the job, durably, while its region's quota is known full; True when parked."""
         verdict = await quota_gate.admit(self.ctx, job)
         if verdict.until is None:
             return False
-        when = min(verdict.until, job.deadline)
-        # No call was made: not an attempt. 'pending' even after a name lookup: a late image
-        # from an earlier call answers the next CreateImage with Duplicate, and is adopted.
-        await self._retry(job, when, "pending", count=False, error=None, outcome="quota_gated")
+        when = self._capped(job, verdict.until)
+        # No call was made: not an attempt. A job that may have made an image stays
+        # 'creating', so its name is looked up again (an image listed late shows then).
+        state = _state(job, False)
+        await self._retry(job, when, state, count=False, error=None, outcome="quota_gated")
         return True
 
     async def _exhaustion_confirmed(self, job: Job) -> bool:
@@ -560,7 +624,11 @@ class Dispatcher:
         await self._backoff(job, exc, ErrorClass.TRANSIENT, "creating", outcome="duplicate_unseen")
 
     async def _on_account(self, job: Job, exc: TencentError, maybe_created: bool) -> None:
-        await self._finish(job, "failed", reason="account_error", error=exc, count=True)
+        if maybe_created:
+            # The look-up was refused, so nothing is known of the image: wait for the resume.
+            await self._retry(job, _now(), "creating", count=False, error=exc, outcome="paused")
+        else:
+            await self._finish(job, "failed", reason="account_error", error=exc, count=True)
         # Durable first, so this cache never holds a pause the table (and the prober) lacks.
         # A CAM denial pauses only the job's region (errors.pause_scope); others the account.
         paused = await pauses.pause(
@@ -603,7 +671,7 @@ class Dispatcher:
             await self._name_taken(job, taken)
             return True
         except TencentError:
-            return False
+            return False  # unanswered: the caller keeps the job 'creating'
         if found is None:
             return False
         await self._adopt(job, found, how="resolved_by_name")
@@ -620,15 +688,28 @@ class Dispatcher:
     async def _backoff(
         self,
         job: Job,
-        exc: TencentError,
+        exc: TencentError | None,
         error_class: ErrorClass,
         state: str,
         outcome: str = "retry",
     ) -> None:
-        retry = self.ctx.settings.retry
-        base = backoff.base_for(error_class, retry)
-        when = backoff.next_attempt(_now(), job.attempts + 1, base, retry.max_delay, job.deadline)
+        when = self._after(job, backoff.base_for(error_class, self.ctx.settings.retry))
         await self._retry(job, when, state, count=True, error=exc, outcome=outcome)
+
+    def _after(self, job: Job, base: float, attempt: int | None = None) -> datetime:
+        """When to try again: backoff capped by the window, or real backoff once it closed."""
+        cap = self.ctx.settings.retry.max_delay
+        n = job.attempts + 1 if attempt is None else attempt
+        now = _now()
+        if now < job.deadline:
+            return backoff.next_attempt(now, n, base, cap, job.deadline)
+        # Past the window only look-ups remain (a job that may have made an image): never a
+        # spin, and the delay grows with the attempts.
+        return now + _seconds(max(base, backoff.delay(n, base, cap)))
+
+    def _capped(self, job: Job, when: datetime) -> datetime:
+        """`when`, but no later than the window's end while it is open."""
+        return min(when, job.deadline) if _now() < job.deadline else when
 
     async def _retry(
         self,
@@ -734,6 +815,13 @@ class Dispatcher:
             error=None,
             outcome="account_paused",
         )
+
+
+def _state(job: Job, maybe_created: bool) -> str:
+    """The state a retried job keeps: 'creating' once any call of it may have made an image."""
+    # A refusal made no image, but an earlier call of a 'creating' job may have: it stays
+    # 'creating', so it is looked up by name again and never expires without a look-up.
+    return "creating" if maybe_created or job.state == "creating" else "pending"
 
 
 def _log_paused(paused: pauses.Pause, exc: TencentError) -> None:

@@ -38,6 +38,9 @@ WITH due AS (
       AND ($4::bigint IS NULL OR run_id = $4)
       -- Only accounts whose lease this replica holds (NULL: every account).
       AND ($5::text[] IS NULL OR account = ANY($5::text[]))
+      -- Never a job this process still works on: its lease may have run out while its task
+      -- waits (at the limiter, on a stalled call); a second task would race the first.
+      AND NOT (id = ANY($6::bigint[]))
     ORDER BY next_attempt_at, id
     LIMIT $2
     -- Rows another worker is claiming right now are skipped, not waited for.
@@ -51,7 +54,7 @@ SET state = CASE WHEN j.state = 'pending' THEN 'claimed' ELSE j.state END,
 FROM due, policies AS p
 WHERE j.id = due.id AND p.id = j.policy_id
 RETURNING j.id, j.run_id, j.policy_id, j.account, j.region, j.instance_id, j.slot,
-          j.image_name, j.state, j.attempts, j.deadline, j.image_id,
+          j.image_name, j.state, j.attempts, j.deadline, j.image_id, j.last_error_code,
           p.name AS policy_name, p.enabled, p.force_poweroff, p.sysprep,
           p.include_data_disks, p.on_quota,
           -- Whether the region's quota gate is closed (orchestrator.quota_gate): only then
@@ -77,6 +80,7 @@ class Job:
     attempts: int
     deadline: datetime
     image_id: str | None
+    last_error_code: str | None
     policy_name: str
     enabled: bool
     force_poweroff: bool
@@ -99,23 +103,29 @@ async def claim(
     *,
     run_id: int | None = None,
     accounts: Collection[str] | None = None,
+    busy: Collection[int] = (),
 ) -> list[Job]:
-    """Claim up to `limit` due jobs for `owner`: accounts not paused, of `accounts` if given."""
+    """Claim up to `limit` due jobs for `owner`: accounts not paused, of `accounts` if given.
+
+    Jobs in `busy` (this process's tasks still hold them) are never claimed again.
+    """
     held = None if accounts is None else sorted(accounts)
-    rows = await pool.fetch(_CLAIM, owner, limit, lease_seconds, run_id, held)
+    rows = await pool.fetch(_CLAIM, owner, limit, lease_seconds, run_id, held, sorted(busy))
     return [Job(**dict(row)) for row in rows]
 
 
-async def renew(pool: asyncpg.Pool, owner: str, ids: Sequence[int], lease_seconds: float) -> int:
-    """Extend the leases of jobs in flight in one statement; how many were still ours."""
-    result = await pool.execute(
+async def renew(
+    pool: asyncpg.Pool, owner: str, ids: Sequence[int], lease_seconds: float
+) -> set[int]:
+    """Extend the leases of jobs in flight in one statement; the ids that were still ours."""
+    rows = await pool.fetch(
         "UPDATE jobs SET lease_expires_at = now() + make_interval(secs => $3)"
-        " WHERE id = ANY($1::bigint[]) AND lease_owner = $2",
+        " WHERE id = ANY($1::bigint[]) AND lease_owner = $2 RETURNING id",
         list(ids),
         owner,
         lease_seconds,
     )
-    return int(result.split()[-1])
+    return {row["id"] for row in rows}
 
 
 async def release(pool: asyncpg.Pool, owner: str, ids: Sequence[int]) -> int:

@@ -99,7 +99,7 @@ def demo_settings(scale: Scale, dsn: str, endpoint: str) -> Settings:
     return Settings(
         database_url=dsn,
         endpoint=endpoint,
-        request_timeout=10.0,
+        request_timeout=5.0,
         max_in_flight=32,
         lease_seconds=10.0,
         poll_interval=1.0,

@@ -37,7 +37,7 @@ def fast_settings(dsn: str, endpoint: str, **changes: Any) -> Settings:
     base = Settings(
         database_url=dsn,
         endpoint=endpoint,
-        request_timeout=5.0,
+        request_timeout=1.5,
         max_in_flight=16,
         lease_seconds=3.0,
         poll_interval=0.2,

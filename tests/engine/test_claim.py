@@ -61,9 +61,20 @@ async def test_heartbeat_renews_only_own_leases(pg_pool: asyncpg.Pool) -> None:
     mine = await jobs.claim(pg_pool, "me", 2, 1)
     other = await jobs.claim(pg_pool, "other", 1, 1)
     renewed = await jobs.renew(pg_pool, "me", [j.id for j in [*mine, *other]], 60)
-    assert renewed == 2
+    assert renewed == {j.id for j in mine}
     await pg_pool.execute("SELECT pg_sleep(1.1)")
     assert [j.id for j in await jobs.claim(pg_pool, "thief", 3, 30)] == [other[0].id]
+
+
+async def test_a_claim_skips_the_jobs_this_process_still_works_on(pg_pool: asyncpg.Pool) -> None:
+    """An expired lease of a job in `busy` is not reclaimed; the same job is for another."""
+    await _seed(pg_pool, 2)
+    first = await jobs.claim(pg_pool, "me", 2, 0.1)
+    await pg_pool.execute("SELECT pg_sleep(0.2)")
+    again = await jobs.claim(pg_pool, "me", 2, 30, busy=[first[0].id])
+    assert [j.id for j in again] == [first[1].id]
+    # Another process may take it over: the fence keeps the stalled task from calling.
+    assert [j.id for j in await jobs.claim(pg_pool, "other", 2, 30)] == [first[0].id]
 
 
 async def test_release_returns_jobs_due_now(pg_pool: asyncpg.Pool) -> None:

@@ -49,7 +49,9 @@ def sim_config() -> SimConfig:
 @pytest.fixture
 async def daemon(pg_dsn: str, simulator: Simulator, tmp_path: Path) -> AsyncIterator[DaemonProcess]:
     """A daemon command line on this test's database and simulator (not started; reaped)."""
-    settings = fast_settings(pg_dsn, simulator.url, lease_seconds=1.0, shutdown_grace=3.0)
+    settings = fast_settings(
+        pg_dsn, simulator.url, lease_seconds=6.0, request_timeout=3.0, shutdown_grace=3.0
+    )
     config = config_toml(settings, tmp_path / "config.toml")
     process = DaemonProcess(daemon_env(pg_dsn, simulator.url, config, tmp_path), tmp_path / "log")
     yield process

@@ -46,7 +46,9 @@ async def replicas(
     pg_dsn: str, simulator: Simulator, tmp_path: Path
 ) -> AsyncIterator[list[DaemonProcess]]:
     """Three daemon command lines on one database and simulator, each with its own log."""
-    settings = fast_settings(pg_dsn, simulator.url, lease_seconds=1.0, shutdown_grace=3.0)
+    settings = fast_settings(
+        pg_dsn, simulator.url, lease_seconds=1.0, request_timeout=0.5, shutdown_grace=3.0
+    )
     made = []
     for n in range(REPLICAS):
         home = tmp_path / f"replica{n}"
