@@ -43,6 +43,10 @@ ORDER BY instance_id, created_at DESC, image_id DESC
 """
 
 
+class Unresolved(Exception):
+    """The policy's instances could not be listed: the plan has nothing to DryRun (exit 1)."""
+
+
 @dataclass(frozen=True, slots=True)
 class DryRun:
     """The CreateImage DryRun of one instance; `ok` when the real call would be accepted."""
@@ -86,6 +90,7 @@ class Plan:
     targets: tuple[Target, ...]
     images: tuple[ImageVerdict, ...]
     untargeted_images: int  # ours, of instances this run does not back up: left alone
+    no_targets: str | None = None  # why a run would back up nothing (not an error)
 
     @property
     def ok(self) -> bool:
@@ -109,6 +114,7 @@ class Plan:
             "instances": [_target_json(t) for t in self.targets],
             "retention": [_image_json(i) for i in self.images],
             "untargeted_images": self.untargeted_images,
+            "no_targets": self.no_targets,
         }
 
 
@@ -262,7 +268,7 @@ async def make_plan(ctx: EngineContext, name: str, now: datetime | None = None) 
     policy, rules = await load_policy(ctx.pool, name)
     if policy.account not in ctx.clients:
         raise UsageError(f"plan: policy {name!r} uses account {policy.account!r}, not configured")
-    targets = await scheduler.resolve_targets(ctx, policy)
+    targets = await _resolve(ctx, policy)
     verdicts, untargeted = await retention_plan(ctx.pool, policy, rules, targets.present, now)
     return Plan(
         policy=policy.name,
@@ -273,7 +279,22 @@ async def make_plan(ctx: EngineContext, name: str, now: datetime | None = None) 
         targets=tuple(await dry_runs(ctx, policy, targets, slot)),
         images=tuple(verdicts),
         untargeted_images=untargeted,
+        no_targets=targets.no_targets,
     )
+
+
+async def _resolve(ctx: EngineContext, policy: Policy) -> scheduler.Targets:
+    """The targets as the scheduler resolves them; Unresolved when the API refuses to list."""
+    try:
+        return await scheduler.resolve_targets(ctx, policy)
+    except TencentError as exc:
+        raise Unresolved(_unresolved(policy, exc)) from None
+
+
+def _unresolved(policy: Policy, exc: TencentError) -> str:
+    if scheduler.refuses_region(exc):
+        return f"plan: {scheduler.region_problem(policy, exc)}"
+    return f"plan: cannot resolve the targets of {policy.name!r}: {exc.code}: {exc.message}"
 
 
 # -- the readable table -----------------------------------------------------------------------
@@ -298,7 +319,7 @@ def _targets_section(plan: Plan) -> list[str]:
     missing = len(plan.targets) - present
     lines = [f"Instances: {present} to back up, {missing} missing"]
     if not plan.targets:
-        return [*lines, "  (no instance matches this policy)"]
+        return [*lines, f"  (no targets: {plan.no_targets or 'no instance matches the policy'})"]
     rows = [("INSTANCE", "EXISTS", "DRY RUN")]
     rows += [(t.instance_id, "yes" if t.exists else "no", _dry_run_cell(t)) for t in plan.targets]
     return lines + ["  " + line for line in _columns(rows)]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import re
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -36,6 +37,14 @@ CHANNEL = "cvm_backup_policy_changed"
 # How far past a slot the loop wakes: enough for timer rounding (epoll counts whole ms), and a
 # wake-up that still comes early just sleeps the rest. Every ms of it delays the first call.
 _SLOT_PAD = 0.005
+# No resource of the account carries a filtered tag key yet (reference §9): no instance can
+# match, which is an answer (no targets), not a failure.
+TAG_KEY_NOT_FOUND = "InvalidParameterValue.TagKeyNotFound"
+# An unknown region answers InvalidParameterValue naming `Region`; an action a region lacks
+# answers UnsupportedRegion (reference §9). Neither gets better by asking again in the slot.
+_REGION_CODES = frozenset({"UnsupportedRegion", "InvalidRegion.NotFound"})
+_NAMES_REGION = re.compile(r"\bRegion\b")
+REGION_REFUSED = "schedule.region_refused"
 log = logs.get("scheduler")
 
 
@@ -45,6 +54,34 @@ class Targets:
 
     present: tuple[str, ...]
     missing: tuple[str, ...]
+    # Why the tag query matched nothing, when the API said why (an unknown tag key).
+    unmatched: str = ""
+
+    @property
+    def no_targets(self) -> str | None:
+        """Why a run would back up nothing; None when it has instances to back up."""
+        if self.present:
+            return None
+        if self.unmatched:
+            return self.unmatched
+        if self.missing:
+            return "no explicit instance id exists any more"
+        return "no instance matches the policy"
+
+
+def refuses_region(exc: TencentError) -> bool:
+    """Whether an API answer says the region itself is wrong (unknown, or lacks the action)."""
+    if exc.code in _REGION_CODES:
+        return True
+    return exc.code.startswith("InvalidParameterValue") and bool(_NAMES_REGION.search(exc.message))
+
+
+def region_problem(policy: Policy, exc: TencentError) -> str:
+    """What a region refusal means for `policy`, for logs and `plan`."""
+    return (
+        f"the API refuses region {policy.region!r} of policy {policy.name!r}"
+        f" (account {policy.account!r}): {exc}; fix the policy's region"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,10 +116,35 @@ async def resolve_targets(ctx: EngineContext, policy: Policy) -> Targets:
         existing = await _existing(ctx, policy, policy.instance_ids)
         missing = [i for i in policy.instance_ids if i not in existing]
         found.update((i, None) for i in policy.instance_ids if i in existing)
+    unmatched = ""
     if policy.instance_tags:
-        filters = _tag_filters(policy)
-        found.update((i, None) for i in await tagged_instances(client, policy.region, filters))
-    return Targets(tuple(found), tuple(missing))
+        tagged, unmatched = await _tag_matches(client, policy)
+        found.update((i, None) for i in tagged)
+    return Targets(tuple(found), tuple(missing), unmatched)
+
+
+async def _tag_matches(client: CvmClient, policy: Policy) -> tuple[list[str], str]:
+    """Instances carrying all the policy's tags; none, and why, when a tag key is unknown."""
+    try:
+        return await tagged_instances(client, policy.region, _tag_filters(policy)), ""
+    except TencentError as exc:
+        if exc.code != TAG_KEY_NOT_FOUND:
+            raise
+        return [], _unknown_key(policy, exc.message)
+
+
+def _unknown_key(policy: Policy, message: str) -> str:
+    # The real message's wording is not documented: name the key it quotes, else every key.
+    quoted = [k for k in sorted(policy.instance_tags) if _quotes(message, k)]
+    keys = quoted or sorted(policy.instance_tags)
+    shown = ", ".join(f"`{k}`" for k in keys)
+    if len(keys) == 1:
+        return f"no instance carries tag key {shown}"
+    return f"no instance carries one of the tag keys {shown}"
+
+
+def _quotes(message: str, key: str) -> bool:
+    return any(f"{q}{key}{q}" in message for q in "`'\"")
 
 
 # The last instance count seen per tag query (account, region, filters), so the next
@@ -168,8 +230,19 @@ async def _learn_count(ctx: EngineContext, policy: Policy) -> None:
     client = ctx.client(policy.account)
     key = _query(client, policy.region, _tag_filters(policy))
     if key not in _known_counts:
-        page = await client.describe_instances(policy.region, filters=key[2], limit=1)
-        _known_counts[key] = page.total_count
+        _known_counts[key] = await _count(client, policy.region, key[2])
+
+
+async def _count(client: CvmClient, region: str, filters: Sequence[Filter]) -> int:
+    try:
+        page = await client.describe_instances(region, filters=filters, limit=1)
+    except TencentError as exc:
+        if exc.code != TAG_KEY_NOT_FOUND and not refuses_region(exc):
+            raise
+        # Nothing to count (no instance carries the key, or the region is refused): a count of
+        # 0 stops the probes; the slot still asks for its first page and reports what it gets.
+        return 0
+    return page.total_count
 
 
 def _next_slot(policy: Policy, now: datetime) -> datetime | None:
@@ -221,15 +294,22 @@ async def create_run(
             policy.id,
             run_id,
             trigger,
-            {
-                "slot": slot.isoformat(),
-                "jobs": len(targets.present),
-                "missing": list(targets.missing),
-            },
+            _run_details(slot, targets),
         )
     return Scheduled(
         int(run_id), policy.name, slot, True, len(targets.present), len(targets.missing)
     )
+
+
+def _run_details(slot: datetime, targets: Targets) -> dict[str, Any]:
+    details: dict[str, Any] = {
+        "slot": slot.isoformat(),
+        "jobs": len(targets.present),
+        "missing": list(targets.missing),
+    }
+    if targets.no_targets is not None:
+        details["no_targets"] = targets.no_targets
+    return details
 
 
 async def _insert_jobs(
@@ -287,6 +367,15 @@ def _log_created(scheduled: Scheduled, policy: Policy, targets: Targets, trigger
         jobs=scheduled.jobs,
         trigger=trigger,
     )
+    if targets.no_targets is not None:
+        # Once per slot: the run exists now, so later passes do not resolve targets again.
+        log.warning(
+            "schedule.no_targets",
+            run=scheduled.run_id,
+            policy=policy.name,
+            slot=scheduled.slot.isoformat(),
+            reason=targets.no_targets,
+        )
     for instance_id in targets.missing:
         log.info(
             "job.skipped",
@@ -332,13 +421,67 @@ async def _schedule_one(ctx: EngineContext, policy: Policy, now: datetime) -> Sc
             return None
         if policy.account not in ctx.clients:
             raise LookupError(f"account {policy.account!r} is not configured")
-        return await _with_retries(ctx, policy, slot)
+        if await _settled(ctx.pool, policy, slot):
+            return None
+        return await _scheduled_or_refused(ctx, policy, slot)
     except (TencentError, LookupError, ValueError, KeyError) as exc:
         # Retried on the next pass; a policy whose cron or timezone broke is reported each time.
         log.error(
             "schedule.failed", policy=policy.name, error=str(exc), code=getattr(exc, "code", None)
         )
         return None
+
+
+# The slot has its run, or the API refused the policy's region for it already (a ledger row, so
+# every replica and restart sees it): either way this pass has nothing to ask the API.
+_SETTLED = f"""
+SELECT EXISTS (SELECT 1 FROM runs WHERE policy_id = $1 AND slot = $2)
+    OR EXISTS (SELECT 1 FROM events WHERE kind = '{REGION_REFUSED}' AND policy_id = $1
+               AND region = $3 AND details->>'slot' = $4)
+"""
+
+
+async def _settled(pool: asyncpg.Pool, policy: Policy, slot: datetime) -> bool:
+    found = await pool.fetchval(_SETTLED, policy.id, slot, policy.region, slot.isoformat())
+    return bool(found)
+
+
+async def _scheduled_or_refused(
+    ctx: EngineContext, policy: Policy, slot: datetime
+) -> Scheduled | None:
+    """The slot's run; None, recorded once, when the API refuses the policy's region."""
+    try:
+        return await _with_retries(ctx, policy, slot)
+    except TencentError as exc:
+        if not refuses_region(exc):
+            raise
+        await _record_refusal(ctx.pool, policy, slot, exc)
+        return None
+
+
+async def _record_refusal(
+    pool: asyncpg.Pool, policy: Policy, slot: datetime, exc: TencentError
+) -> None:
+    details = {"slot": slot.isoformat(), "message": exc.message, "request_id": exc.request_id}
+    await pool.execute(
+        "INSERT INTO events (kind, policy_id, account, region, reason, details)"
+        f" VALUES ('{REGION_REFUSED}', $1, $2, $3, $4, $5)",
+        policy.id,
+        policy.account,
+        policy.region,
+        exc.code,
+        details,
+    )
+    log.error(
+        "schedule.region_refused",
+        policy=policy.name,
+        account=policy.account,
+        region=policy.region,
+        slot=slot.isoformat(),
+        code=exc.code,
+        request_id=exc.request_id,
+        error=region_problem(policy, exc),
+    )
 
 
 async def _with_retries(ctx: EngineContext, policy: Policy, slot: datetime) -> Scheduled:

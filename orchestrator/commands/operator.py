@@ -34,14 +34,13 @@ def run_plan(args: argparse.Namespace) -> int:
 
 async def _plan(settings: config.Settings, name: str, *, as_json: bool) -> int:
     from orchestrator import daemon, plan
-    from orchestrator.tencent.errors import TencentError
 
     async with daemon.open_pool(settings) as pool, daemon.engine_context(settings, pool) as ctx:
         try:
             result = await plan.make_plan(ctx, name)
-        except TencentError as exc:
+        except plan.Unresolved as exc:
             # Listing the instances failed: there is nothing to DryRun, and that is the answer.
-            print(f"plan: cannot resolve the targets of {name!r}: {exc.code}: {exc.message}")
+            print(exc)
             return EXIT_DRY_RUN_FAILED
     if as_json:
         json.dump(result.to_json(), sys.stdout, indent=2)

@@ -263,3 +263,32 @@ async def _pause(dsn: str, account: str) -> None:
         )
     finally:
         await conn.close()
+
+
+@pytest.mark.parametrize("flags", [(), ("--dry-run",)], ids=["apply", "dry-run"])
+def test_apply_refuses_more_than_nine_instance_tags(
+    cli_env: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: tuple[str, ...]
+) -> None:
+    """Ten tags would need eleven DescribeInstances filters: exit 2 naming file, policy, field."""
+    ten = ", ".join(f't{n} = "v"' for n in range(10))
+    path = tmp_path / "p.toml"
+    path.write_text(TWO.replace('{ team = "data" }', "{ " + ten + " }"))
+    capsys.readouterr()
+    assert cli.main(["policy", "apply", str(path), *flags]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: policy #2 'beta': instance_tags: expected at most 9 tags" in err
+    assert "got 10" in err
+    assert "Traceback" not in err
+    assert _names(cli_env) == []
+
+
+def test_apply_accepts_nine_instance_tags(
+    cli_env: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Nine tags, the most DescribeInstances can filter on with one filter to spare, apply."""
+    nine = ", ".join(f't{n} = "v"' for n in range(9))
+    path = tmp_path / "p.toml"
+    path.write_text(TWO.replace('{ team = "data" }', "{ " + nine + " }"))
+    code, out = _apply(path, capsys)
+    assert code == 0
+    assert "+ beta: added" in out

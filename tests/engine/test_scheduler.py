@@ -16,7 +16,7 @@ from orchestrator.limiter import Limiters
 from orchestrator.scheduler import Scheduler
 from orchestrator.simulator.runner import Simulator
 from orchestrator.tencent.models import Filter
-from tests.engine.conftest import insert_policy, wait_for
+from tests.engine.conftest import LogCapture, insert_policy, wait_for
 from tests.fixtures.sim import TEST_REGION, make_sim_config
 
 T0 = datetime(2026, 11, 23, 10, 7, tzinfo=UTC)
@@ -184,3 +184,98 @@ async def test_only_the_lease_holder_resolves_targets(
     assert await _runs(pg_pool) == []
     held = await scheduler.schedule_pass(engine_ctx, now, driven=lambda: {"default"})
     assert [s.created for s in held] == [True]
+
+
+# -- answers that mean "nothing to do" or "wrong region", not "try again" ---------------------
+
+UNKNOWN_KEY = "nobody-has-this"
+OTHER_REGION = "ap-shanghai"
+UNSERVED = "eu-nowhere"
+
+
+async def _passes(ctx: EngineContext, start: datetime, count: int = 3) -> None:
+    # Passes 10 s apart, all in the slot of `start` (T0 is 7 minutes past it).
+    for n in range(count):
+        await scheduler.schedule_pass(ctx, start + timedelta(seconds=10 * n))
+
+
+def _logged(capture: LogCapture, event: str) -> list[dict[str, object]]:
+    return [line for line in capture.lines if line["event"] == event]
+
+
+@pytest.mark.parametrize("sim_config", [replace(make_sim_config(), check_tag_keys=True)])
+async def test_unknown_tag_key_is_one_run_with_no_targets(
+    engine_ctx: EngineContext,
+    pg_pool: asyncpg.Pool,
+    simulator: Simulator,
+    captured_logs: LogCapture,
+) -> None:
+    """TagKeyNotFound is zero targets: one empty run, one schedule.no_targets, no failure."""
+    await insert_policy(
+        pg_pool, "untagged", instance_tags={UNKNOWN_KEY: "yes"}, schedule="0 * * * *"
+    )
+    await _passes(engine_ctx, T0)
+    [event] = _logged(captured_logs, "schedule.no_targets")
+    assert event["reason"] == f"no instance carries tag key `{UNKNOWN_KEY}`"
+    assert not _logged(captured_logs, "schedule.failed")
+    assert not _logged(captured_logs, "schedule.retry")
+    assert simulator.state.count_calls("DescribeInstances") == 1
+    assert len(await _runs(pg_pool)) == 1
+    assert await pg_pool.fetchval("SELECT count(*) FROM jobs") == 0
+    details = await pg_pool.fetchval("SELECT details FROM events WHERE kind = 'run.created'")
+    assert details["no_targets"] == event["reason"]
+
+
+@pytest.mark.parametrize(
+    ("sim_config", "region", "code"),
+    [
+        (replace(make_sim_config(), regions=(TEST_REGION,)), UNSERVED, "InvalidParameterValue"),
+        (
+            replace(make_sim_config(), actions_not_offered={OTHER_REGION: ("DescribeInstances",)}),
+            OTHER_REGION,
+            "UnsupportedRegion",
+        ),
+    ],
+    ids=["unserved", "not-offered"],
+)
+async def test_refused_region_is_logged_once_per_slot(
+    engine_ctx: EngineContext,
+    pg_pool: asyncpg.Pool,
+    captured_logs: LogCapture,
+    region: str,
+    code: str,
+) -> None:
+    """A region the API refuses: no run, one schedule.region_refused per slot, no retry storm."""
+    await insert_policy(
+        pg_pool, "far", instance_tags={"backup": "daily"}, schedule="0 * * * *", region=region
+    )
+    await _passes(engine_ctx, T0)
+    [event] = _logged(captured_logs, "schedule.region_refused")
+    assert (event["region"], event["code"], event["policy"]) == (region, code, "far")
+    assert f"region {region!r} of policy 'far'" in str(event["error"])
+    assert not _logged(captured_logs, "schedule.failed")
+    assert _describe_calls(engine_ctx) == 1
+    assert await _runs(pg_pool) == []
+    rows = await pg_pool.fetch("SELECT region, reason FROM events WHERE kind = $1", event["event"])
+    assert [(r["region"], r["reason"]) for r in rows] == [(region, code)]
+    # The next slot asks once more: the region may have been fixed, or be served by now.
+    await _passes(engine_ctx, T0 + timedelta(hours=1))
+    assert len(_logged(captured_logs, "schedule.region_refused")) == 2
+    assert _describe_calls(engine_ctx) == 2
+
+
+@pytest.mark.parametrize("sim_config", [replace(make_sim_config(), check_tag_keys=True)])
+async def test_unknown_tag_key_is_counted_as_zero_once(
+    engine_ctx: EngineContext, pg_pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Probing a tag query whose key no instance carries learns 0, so it is not probed again."""
+    monkeypatch.setattr(scheduler, "_known_counts", {})
+    await insert_policy(
+        pg_pool, "untagged", instance_tags={UNKNOWN_KEY: "yes"}, schedule="0 * * * *"
+    )
+    found = await scheduler.load_policies(pg_pool)
+    for _ in range(2):
+        await scheduler.learn_counts(engine_ctx, found, T0 + timedelta(minutes=52, seconds=30))
+    query = ("default", TEST_REGION, (Filter(f"tag:{UNKNOWN_KEY}", ("yes",)),))
+    assert scheduler._known_counts == {query: 0}
+    assert _describe_calls(engine_ctx) == 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -15,6 +16,8 @@ from orchestrator import cli
 from orchestrator.context import EngineContext
 from orchestrator.plan import make_plan
 from orchestrator.simulator.runner import Simulator
+from tests.engine.conftest import insert_policy as insert_tag_policy
+from tests.fixtures.sim import TEST_REGION, make_sim_config
 from tests.operator.conftest import SEEDED, insert_image, insert_policy
 
 GONE = "ins-gone0000"
@@ -146,7 +149,9 @@ async def test_plan_command_json_all_ok(
         "instances",
         "retention",
         "untargeted_images",
+        "no_targets",
     }
+    assert doc["no_targets"] is None
     assert [i["instance_id"] for i in doc["instances"]] == instance_ids[2:4]
     for instance in doc["instances"]:
         assert instance["exists"] is True
@@ -161,3 +166,38 @@ async def test_plan_unknown_policy(
     """An unknown policy is a usage error naming it: exit 2."""
     assert await run_cli("plan", "nope") == 2
     assert "no policy named 'nope'" in capsys.readouterr().err
+
+
+UNKNOWN_KEY = "nobody-has-this"
+
+
+@pytest.mark.parametrize("sim_config", [replace(make_sim_config(), check_tag_keys=True)])
+async def test_plan_unknown_tag_key_is_no_targets(
+    cli_env: None, pg_pool: asyncpg.Pool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """TagKeyNotFound shows as no targets, naming the key, not as an error: exit 0."""
+    await insert_tag_policy(pg_pool, "untagged", instance_tags={UNKNOWN_KEY: "yes"})
+    reason = f"no instance carries tag key `{UNKNOWN_KEY}`"
+    assert await run_cli("plan", "untagged") == 0
+    out = capsys.readouterr().out
+    assert "Instances: 0 to back up, 0 missing" in out
+    assert f"(no targets: {reason})" in out
+    assert "All DryRuns ok." in out
+    assert await run_cli("plan", "untagged", "--json") == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert (doc["no_targets"], doc["instances"], doc["ok"]) == (reason, [], True)
+
+
+@pytest.mark.parametrize("sim_config", [replace(make_sim_config(), regions=(TEST_REGION,))])
+async def test_plan_refused_region_names_policy_region_and_reason(
+    cli_env: None, pg_pool: asyncpg.Pool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A region the API does not serve: one line naming policy, region and answer; exit 1."""
+    await insert_tag_policy(pg_pool, "far", instance_tags={"backup": "daily"}, region="eu-nowhere")
+    assert await run_cli("plan", "far") == 1
+    captured = capsys.readouterr()
+    assert captured.out.startswith(
+        "plan: the API refuses region 'eu-nowhere' of policy 'far' (account 'default'):"
+        " InvalidParameterValue: A value specified in `Region` is not valid"
+    )
+    assert "Traceback" not in captured.err
