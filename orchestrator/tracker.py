@@ -11,8 +11,15 @@ image is recorded soon after it is ready, not up to a whole interval later (`nex
   (policy, instance).
 - CREATEFAILED: the job fails with `ImageCreateFailed`, and the image is deleted (intent first)
   since it holds a unit of image quota.
-- Not returned at all: the image vanished; the job fails with `ImageVanished`. A short grace
-  after the image was recorded covers an API that does not list a new image at once.
+- Not returned at all: not listed *yet*, while its job waits. The real API can leave a new
+  image out of DescribeImages for a while after CreateImage answered, so the job waits until
+  its completion window closes, then expires (`window_closed`) and its images row (CREATING)
+  goes on following the image. A jobless image still not listed LISTING_GRACE after it was
+  recorded has vanished (VANISHED, nothing to delete).
+- DescribeImages failing: the batch stays in flight and its jobs past their window expire all
+  the same; that (account, region) is not asked again before `tracker_min_interval`. An
+  account-class answer pauses the account (or the region, for a CAM denial) instead: the
+  tracker leaves it alone until the prober resumes it (orchestrator.pauses).
 """
 
 from __future__ import annotations
@@ -29,26 +36,30 @@ from typing import Any
 import asyncpg
 import structlog
 
-from orchestrator import logs, retention, rotation
+from orchestrator import logs, pauses, retention, rotation
 from orchestrator.config import DEFAULT_LIMITS, Settings
 from orchestrator.context import EngineContext
 from orchestrator.db.resilience import DbWatch
 from orchestrator.rotation import Conn, LiveImage
-from orchestrator.tencent.errors import TencentError
+from orchestrator.tencent.errors import ErrorClass, TencentError
 from orchestrator.tencent.models import Image
 
 log = logs.get("tracker")
 
 BATCH = 100  # DescribeImages takes at most 100 ImageIds
 POLL_CONCURRENCY = 4  # DescribeImages batches of one round in flight at once
-VANISHED_GRACE = timedelta(seconds=30)
+# A new image can be missing from DescribeImages for a while after CreateImage answered;
+# Terraform's tencentcloud provider retries such an empty answer for up to an hour. Only a
+# jobless image not listed this long after it was recorded is taken for vanished.
+LISTING_GRACE = timedelta(hours=1)
 FAILED_CODE = "ImageCreateFailed"
-VANISHED_CODE = "ImageVanished"
 # How many recent builds the estimate of a build's length looks at, and the quantile it takes.
 BUILD_SAMPLES = 200
 BUILD_QUANTILE = 0.05
 # The accounts whose lease this replica holds; None: every account (a single daemon, tests).
 Held = Callable[[], Collection[str]] | None
+# What one DescribeImages batch covers: (account, region).
+Pair = tuple[str, str]
 
 _TRACKED = """
 SELECT j.image_id, j.account, j.region, j.policy_id, j.instance_id, j.id AS job_id,
@@ -114,6 +125,16 @@ _EXPIRE_JOB = """
 UPDATE jobs SET state = 'expired', reason = 'window_closed', finished_at = now(),
                 updated_at = now(), lease_owner = NULL, lease_expires_at = NULL
 WHERE id = $1 AND state = 'waiting_image'
+"""
+
+# The window closed and the image was not seen (not listed yet, or DescribeImages failing): the
+# row keeps following it, as CREATING, what CreateImage left it in. A row already there stays
+# (no conflict target: the job's own row, under whichever unique key, is that row).
+_RECORD_UNSEEN = """
+INSERT INTO images (image_id, name, account, region, instance_id, policy_id, slot, job_id,
+                    state, created_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'CREATING', $9)
+ON CONFLICT DO NOTHING
 """
 
 _FAIL_JOB = """
@@ -224,10 +245,15 @@ async def _ready(ctx: EngineContext, ready: Sequence[tuple[Tracked, Image]]) -> 
         _log_ready(t, image, t.job_id in succeeded)
 
 
-def _log_ready(t: Tracked, image: Image, succeeded: bool) -> None:
-    with structlog.contextvars.bound_contextvars(
+def _bound(t: Tracked) -> contextlib.AbstractContextManager[None]:
+    """Log lines inside name the image's policy, instance and job."""
+    return structlog.contextvars.bound_contextvars(
         policy_id=t.policy_id, instance_id=t.instance_id, job_id=t.job_id
-    ):
+    )
+
+
+def _log_ready(t: Tracked, image: Image, succeeded: bool) -> None:
+    with _bound(t):
         log.info("image.ready", image_id=t.image_id, size_gb=image.size_gib)
         if succeeded:
             log.info("job.succeeded", image_id=t.image_id)
@@ -255,21 +281,60 @@ async def _failed(ctx: EngineContext, t: Tracked, image: Image) -> None:
 
 
 async def _vanished(ctx: EngineContext, t: Tracked) -> None:
-    message = f"image {t.image_id} is no longer returned by DescribeImages"
+    # Only jobless images get here: a waiting job expires first (`_unlisted`).
+    message = f"image {t.image_id} is not returned by DescribeImages"
     async with ctx.pool.acquire() as conn, conn.transaction():
         await conn.execute(_VANISHED, t.image_id, "vanished")
-        live = t.live("VANISHED")
-        await rotation.record_event(conn, "image.vanished", live, message)
-        failed = await _finish_job(conn, t, _FAIL_JOB, "image_vanished", VANISHED_CODE, message)
-        if failed:
-            await rotation.record_event(conn, "job.failed", live, message, code=VANISHED_CODE)
-    log.warning("image.vanished", image_id=t.image_id)
-    if failed:
-        log.warning("job.failed", image_id=t.image_id, code=VANISHED_CODE, message=message)
+        await rotation.record_event(conn, "image.vanished", t.live("VANISHED"), message)
+    log.warning("image.vanished", image_id=t.image_id, recorded_at=t.recorded_at.isoformat())
+
+
+def _overdue(t: Tracked, now: datetime) -> bool:
+    """Whether the image's job still waits though its completion window has closed."""
+    return t.job_id is not None and t.deadline is not None and now > t.deadline
+
+
+def _log_expired(t: Tracked) -> None:
+    log.warning("job.expired", image_id=t.image_id, reason="window_closed")
+
+
+async def _expire_unseen(ctx: EngineContext, t: Tracked) -> None:
+    """Expire the job of an image not seen this poll; its row (CREATING) follows it on."""
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        await conn.execute(
+            _RECORD_UNSEEN,
+            t.image_id,
+            t.name,
+            t.account,
+            t.region,
+            t.instance_id,
+            t.policy_id,
+            t.slot,
+            t.job_id,
+            t.recorded_at,
+        )
+        closed = await _finish_job(conn, t, _EXPIRE_JOB)
+        if closed:
+            await rotation.record_event(conn, "job.expired", t.live("CREATING"), "window_closed")
+    if closed:
+        _log_expired(t)
+
+
+async def _unlisted(ctx: EngineContext, t: Tracked, now: datetime) -> bool:
+    """An image DescribeImages did not return; True while it is still followed."""
+    if t.job_id is not None:
+        # Not listed yet, most likely (listing lag): the job waits out its window.
+        if _overdue(t, now):
+            await _expire_unseen(ctx, t)
+        return True
+    if now - t.recorded_at < LISTING_GRACE:
+        return True
+    await _vanished(ctx, t)
+    return False
 
 
 async def _still_building(ctx: EngineContext, t: Tracked, image: Image, now: datetime) -> None:
-    expired = t.deadline is not None and now > t.deadline
+    expired = _overdue(t, now)
     if _state(image) == t.state and not expired:
         return  # the common case: nothing to write
     async with ctx.pool.acquire() as conn, conn.transaction():
@@ -279,7 +344,7 @@ async def _still_building(ctx: EngineContext, t: Tracked, image: Image, now: dat
         if closed:
             await rotation.record_event(conn, "job.expired", live, "window_closed")
     if closed:
-        log.warning("job.expired", image_id=t.image_id, reason="window_closed")
+        _log_expired(t)
 
 
 # -- one poll ---------------------------------------------------------------------------------
@@ -291,19 +356,14 @@ async def _describe(ctx: EngineContext, account: str, region: str, ids: list[str
 
 async def _settle(ctx: EngineContext, t: Tracked, image: Image | None, now: datetime) -> bool:
     """Record what became of one image not NORMAL (see `_ready`); True while still in flight."""
-    with structlog.contextvars.bound_contextvars(
-        policy_id=t.policy_id, instance_id=t.instance_id, job_id=t.job_id
-    ):
+    with _bound(t):
         if image is None:
-            if now - t.recorded_at < VANISHED_GRACE:
-                return True
-            await _vanished(ctx, t)
-        elif image.state == retention.CREATEFAILED:
+            return await _unlisted(ctx, t, now)
+        if image.state == retention.CREATEFAILED:
             await _failed(ctx, t, image)
-        else:
-            await _still_building(ctx, t, image, now)
-            return True
-    return False
+            return False
+        await _still_building(ctx, t, image, now)
+        return True
 
 
 class BuildClock:
@@ -357,10 +417,14 @@ async def _poll_batch(
     return in_flight, {t for t, _ in ready}
 
 
+def _pair(t: Tracked) -> Pair:
+    return (t.account, t.region)
+
+
 def _batches(tracked: Iterable[Tracked]) -> list[list[Tracked]]:
     groups: dict[tuple[str, str], list[Tracked]] = defaultdict(list)
     for t in tracked:
-        groups[(t.account, t.region)].append(t)
+        groups[_pair(t)].append(t)
     return [g[i : i + BATCH] for g in groups.values() for i in range(0, len(g), BATCH)]
 
 
@@ -393,43 +457,121 @@ async def _apply_retention(ctx: EngineContext, ready: Iterable[Tracked]) -> None
 
 async def poll_once(ctx: EngineContext, held: Held = None) -> int:
     """Poll every image in flight once (of `held` accounts); how many are still in flight."""
-    return len(await _poll(ctx, await _tracked(ctx, held)))
+    return len((await _poll(ctx, await _tracked(ctx, held))).in_flight)
+
+
+@dataclass(frozen=True, slots=True)
+class _Polled:
+    """One batch's poll: still in flight, became NORMAL, whether DescribeImages failed."""
+
+    in_flight: list[Tracked]
+    ready: set[Tracked]
+    failed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class _Round:
+    """One poll of every batch: the images still in flight, the pairs whose call failed."""
+
+    in_flight: list[Tracked]
+    failed: set[Pair]
 
 
 async def _poll(
     ctx: EngineContext, tracked: Iterable[Tracked], clock: BuildClock | None = None
-) -> list[Tracked]:
-    """Poll every image of `tracked` once; those still in flight."""
+) -> _Round:
+    """Poll every image of `tracked` once."""
     # A few batches at a time: a round over thousands of images otherwise takes as many round
     # trips in a row, and its last images wait for all the others. The limiter still paces.
     gate = asyncio.Semaphore(POLL_CONCURRENCY)
 
-    async def one(batch: list[Tracked]) -> tuple[list[Tracked], set[Tracked]]:
+    async def one(batch: list[Tracked]) -> _Polled:
         async with gate:
             return await _poll_or_keep(ctx, batch, clock)
 
-    results = await asyncio.gather(*(one(batch) for batch in _batches(tracked)))
-    in_flight = [t for pending, _ in results for t in pending]
-    await _apply_retention(ctx, {t for _, done in results for t in done})
-    return in_flight
+    batches = _batches(tracked)
+    results = await asyncio.gather(*(one(batch) for batch in batches))
+    await _apply_retention(ctx, {t for r in results for t in r.ready})
+    failed = {_pair(b[0]) for b, r in zip(batches, results, strict=True) if r.failed}
+    return _Round([t for r in results for t in r.in_flight], failed)
 
 
 async def _poll_or_keep(
     ctx: EngineContext, batch: list[Tracked], clock: BuildClock | None
-) -> tuple[list[Tracked], set[Tracked]]:
-    """One batch polled; a failed DescribeImages keeps the whole batch in flight."""
+) -> _Polled:
+    """One batch polled; a failed DescribeImages keeps the batch in flight (or pauses it)."""
     try:
-        return await _poll_batch(ctx, batch, clock)
+        in_flight, ready = await _poll_batch(ctx, batch, clock)
     except TencentError as exc:
-        log.warning(
-            "tracker.poll_failed",
-            account=batch[0].account,
-            region=batch[0].region,
-            code=exc.code,
-            message=exc.message,
-            request_id=exc.request_id,
-        )
-        return batch, set()
+        return await _poll_failed(ctx, batch, exc)
+    return _Polled(in_flight, ready)
+
+
+async def _poll_failed(ctx: EngineContext, batch: list[Tracked], exc: TencentError) -> _Polled:
+    # The window holds without an answer too: a job must not wait forever on an API that fails.
+    await _expire_overdue(ctx, batch, datetime.now(UTC))
+    if exc.error_class is ErrorClass.ACCOUNT:
+        # Asking again would only be refused again: the prober finds out when it is fixed.
+        await _pause(ctx, batch[0], exc)
+        return _Polled([], set(), failed=True)
+    _log_poll_failed(batch[0], exc)
+    return _Polled(batch, set(), failed=True)
+
+
+async def _expire_overdue(ctx: EngineContext, batch: Iterable[Tracked], now: datetime) -> None:
+    for t in batch:
+        if _overdue(t, now):
+            with _bound(t):
+                await _expire_unseen(ctx, t)
+
+
+def _log_poll_failed(t: Tracked, exc: TencentError) -> None:
+    log.warning(
+        "tracker.poll_failed",
+        account=t.account,
+        region=t.region,
+        code=exc.code,
+        message=exc.message,
+        request_id=exc.request_id,
+    )
+
+
+async def _pause(ctx: EngineContext, t: Tracked, exc: TencentError) -> None:
+    """Pause the account (or region) that refused DescribeImages for an account reason."""
+    policy = await ctx.pool.fetchval("SELECT name FROM policies WHERE id = $1", t.policy_id)
+    paused = await pauses.pause(
+        ctx.pool,
+        t.account,
+        exc,
+        region=t.region,
+        instance_id=t.instance_id,
+        first_probe=pauses.ProbeTimings().base,
+        policy=policy,
+    )
+    if paused is not None:  # None: already paused, and said so by whoever paused it
+        _log_paused(paused, exc)
+
+
+def _log_paused(paused: pauses.Pause, exc: TencentError) -> None:
+    """Say loudly what stopped, where, and how it comes back."""
+    if paused.scope_region is None:
+        fix = "fix the account (balance, credentials, clock)"
+    else:
+        action = paused.action or "DescribeImages"
+        fix = f"allow cvm:{action} in {paused.scope_region} for these keys"
+    log.error(
+        "account.paused",
+        account=paused.account,
+        scope=paused.scope_label,
+        scope_region=paused.scope_region,
+        action=paused.action,
+        policy=paused.policy,
+        code=exc.code,
+        message=paused.message,
+        request_id=exc.request_id,
+        next_probe_at=paused.probe_at.isoformat(),
+        hint=f"{fix}; a successful probe resumes it, or `{paused.resume_command}` now",
+    )
 
 
 # -- the loop ---------------------------------------------------------------------------------
@@ -498,23 +640,54 @@ class _Cadence:
         return max(wake - now, _MIN_PAUSE)
 
 
+class _Holds:
+    """Pairs whose DescribeImages just failed, each with the loop time it may be asked again."""
+
+    def __init__(self) -> None:
+        self._until: dict[Pair, float] = {}
+
+    def hold(self, pairs: Iterable[Pair], until: float) -> None:
+        """Ask nothing of `pairs` before `until`."""
+        self._until.update(dict.fromkeys(pairs, until))
+
+    def free(self, tracked: Iterable[Tracked], now: float) -> list[Tracked]:
+        """The images of `tracked` that may be polled at `now`; ended holds are dropped."""
+        # The allowance `_Cadence.wants` gives a timer that fires a hair early.
+        now += _AFTER_FINISH / 2
+        self._until = {pair: until for pair, until in self._until.items() if until > now}
+        return [t for t in tracked if _pair(t) not in self._until]
+
+    def holds(self, t: Tracked) -> bool:
+        """Whether the image's pair is held."""
+        return _pair(t) in self._until
+
+    def release(self, regular: float) -> float:
+        """`regular`, or when the first hold ends if sooner: held images are polled then."""
+        return min([regular, *self._until.values()])
+
+
 async def _poll_and_plan(
-    ctx: EngineContext, tracked: Sequence[Tracked], clock: BuildClock
+    ctx: EngineContext, tracked: Sequence[Tracked], clock: BuildClock, holds: _Holds
 ) -> _Cadence:
-    """Poll `tracked` once; when to poll next."""
+    """Poll `tracked` once (but held pairs); when to poll next."""
     loop = asyncio.get_running_loop()
     sent, wall = loop.time(), datetime.now(UTC)
-    pending = await _poll(ctx, tracked, clock)
+    polled = await _poll(ctx, holds.free(tracked, sent), clock)
     done = loop.time()
+    # A failed pair waits a whole min interval, whatever wakes the loop sooner (a timed poll, a
+    # new image): an API that keeps failing must not be asked many times a second.
+    holds.hold(polled.failed, done + ctx.settings.tracker_min_interval)
+    pending = polled.in_flight
     earliest = done + poll_gap(len(pending), ctx.settings)
-    regular = done + next_interval(len(pending), ctx.settings)
+    regular = holds.release(done + next_interval(len(pending), ctx.settings))
+    timed = [t for t in pending if not holds.holds(t)]
     build = clock.estimate()
-    if build is None or not pending:
+    if build is None or not timed:
         return _Cadence(regular, earliest)
     # Expected finishes on the loop's clock: recorded_at is the database's, but the estimate
     # was learned against the same clocks, so a steady offset between them cancels out.
     offset = sent + build + _AFTER_FINISH
-    finishes = (offset + (t.recorded_at - wall).total_seconds() for t in pending)
+    finishes = (offset + (t.recorded_at - wall).total_seconds() for t in timed)
     return _Cadence(next_poll(sent, finishes, regular=regular, earliest=earliest), earliest)
 
 
@@ -524,6 +697,7 @@ async def run(ctx: EngineContext, stop: asyncio.Event, held: Held = None) -> Non
     seen: set[str] = set()
     cadence = _Cadence(loop.time(), loop.time())
     clock = BuildClock()
+    holds = _Holds()
     watch = DbWatch("tracker", stop)
     confirm_at = loop.time()
     while not stop.is_set():
@@ -533,7 +707,8 @@ async def run(ctx: EngineContext, stop: asyncio.Event, held: Held = None) -> Non
                 tracked = await _tracked(ctx, held)
                 ids = {t.image_id for t in tracked}
                 if cadence.wants(loop.time(), bool(ids - seen)):
-                    cadence = await _poll_and_plan(ctx, tracked, clock)
+                    cadence = await _poll_and_plan(ctx, tracked, clock, holds)
+                    # Held images count as seen too: only new ones wake the loop early.
                     seen = ids
                 if loop.time() >= confirm_at:
                     # A deletion is done, and its quota free, once the image is gone.

@@ -5,6 +5,10 @@ statement each costs a round trip, a pool checkout with its reset, and a commit,
 the engine long before the API does once its limits are lifted. A `GroupWriter` keeps at most
 one flush in flight: items submitted while it runs wait and go together in the next one, so a
 lone write goes out at once and batches grow only with load, as in Postgres' own group commit.
+
+A batch that fails on its data (a CHECK violation in one row, say) is written again item by
+item, so only the bad item's caller sees the error; a lost connection or a cancellation fails
+the whole batch at once, since writing each alone would only fail the same way.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Generic, TypeVar
+
+from orchestrator.db.resilience import is_connection_error
 
 T = TypeVar("T")
 
@@ -22,7 +28,11 @@ Flush = Callable[[Sequence[T]], Awaitable[Collection[int]]]
 
 
 class GroupWriter(Generic[T]):
-    """Submit items keyed by an id; `flush` writes a batch and returns the ids it applied."""
+    """Submit items keyed by an id; `flush` writes a batch and returns the ids it applied.
+
+    `flush` must apply all of a batch or nothing (one statement, or one transaction): a batch
+    that failed on its data is written again item by item.
+    """
 
     def __init__(self, flush: Flush[T], key: Callable[[T], int], max_batch: int = MAX_BATCH):
         self._flush = flush
@@ -66,6 +76,11 @@ class GroupWriter(Generic[T]):
         try:
             applied = await self._flush([item for item, _ in batch])
         except BaseException as exc:
+            if len(batch) > 1 and _about_data(exc):
+                # One bad record must fail its own write, not the others' it shared a statement
+                # with (the statement applied nothing, so each is written once).
+                await self._write_each(batch)
+                return
             # Each waiter sees the failure as its own write's (a database blip, say).
             for _, future in batch:
                 _settle(future, exc)
@@ -75,6 +90,21 @@ class GroupWriter(Generic[T]):
         for item, future in batch:
             if not future.done():
                 future.set_result(self._key(item) in applied)
+
+    async def _write_each(self, batch: list[tuple[T, asyncio.Future[bool]]]) -> None:
+        for n, one in enumerate(batch):
+            try:
+                await self._write([one])
+            except BaseException as exc:
+                # Cancelled half-way: the rest are no longer queued, so `_drain` cannot see them.
+                for _, future in batch[n + 1 :]:
+                    _settle(future, exc)
+                raise
+
+
+def _about_data(exc: BaseException) -> bool:
+    """Whether `exc` may be about some item of the batch: not a cancellation, not the link."""
+    return isinstance(exc, Exception) and not is_connection_error(exc)
 
 
 def _retrieve(future: asyncio.Future[bool]) -> None:

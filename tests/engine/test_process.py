@@ -34,11 +34,14 @@ KILLS = 6
 
 @pytest.fixture
 def sim_config() -> SimConfig:
-    """40 instances whose images take a moment, with transient faults and dropped answers."""
+    """40 instances whose images take a moment and are listed late; faults and dropped answers."""
     return replace(
         make_sim_config(),
         instances=generate_fleet(FLEET_SIZE, regions=(TEST_REGION,), seed=99, data_disks=1),
         create_delay=(0.2, 0.8),
+        # The real API's eventual consistency: new images listed late, deleted ones linger.
+        list_lag=1.0,
+        delete_delay=1.0,
         faults=Faults(
             internal_error_rate=0.1, drop_rate=0.05, after_create=0.5, latency=(0.0, 0.05)
         ),

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import math
+from dataclasses import replace
 from datetime import timedelta
 
+import pytest
 from structlog.testing import capture_logs
 
 from orchestrator import pauses, rotation, tracker
 from orchestrator.config import Settings
 from orchestrator.context import EngineContext
-from orchestrator.simulator.config import Faults
+from orchestrator.simulator.config import Faults, SimConfig
 from orchestrator.simulator.runner import Simulator
 from orchestrator.tencent.errors import TencentError
 from tests.engine_parts.conftest import SimClock
@@ -99,24 +101,61 @@ async def test_createfailed_fails_the_job_and_frees_the_quota(
     ]
 
 
-async def test_vanished_image_fails_its_job_after_a_grace(
+async def test_jobless_image_not_listed_past_the_listing_grace_vanishes(
     engine: EngineContext, simulator: Simulator
 ) -> None:
-    """An image DescribeImages no longer returns fails its job, once past the grace period."""
+    """A jobless image not listed an hour after it was recorded is VANISHED; a younger one waits."""
     policy = await add_policy(engine.pool)
-    gone = await add_job(engine.pool, policy, A, "img-gone0001", NOW)
-    await record_image(engine.pool, "img-gone0001", policy, A, NOW - timedelta(hours=1))
-    fresh = await add_job(engine.pool, policy, B, "img-new00001", NOW)
-    await record_image(engine.pool, "img-new00001", policy, B, NOW + timedelta(hours=1))
-    assert await tracker.poll_once(engine) == 1
-    state = await _job(engine, gone)
-    assert (state["state"], state["last_error_code"]) == ("failed", tracker.VANISHED_CODE)
-    assert (await _job(engine, fresh))["state"] == "waiting_image"
+    old = NOW - tracker.LISTING_GRACE - timedelta(minutes=1)
+    await record_image(engine.pool, "img-gone0001", policy, A, old, state="CREATING")
+    young = NOW - timedelta(minutes=30)
+    await record_image(engine.pool, "img-new00001", policy, B, young, state="CREATING")
+    with capture_logs() as logs:
+        assert await tracker.poll_once(engine) == 1
     row = await engine.pool.fetchrow("SELECT * FROM images WHERE image_id = 'img-gone0001'")
     assert row is not None
     assert (row["state"], row["delete_reason"]) == ("VANISHED", "vanished")
     assert row["deleted_at"] is not None
+    young_state = "SELECT state FROM images WHERE image_id = 'img-new00001'"
+    assert await engine.pool.fetchval(young_state) == "CREATING"
+    assert [e["image_id"] for e in logs if e["event"] == "image.vanished"] == ["img-gone0001"]
+    assert [r["image_id"] for r in await events(engine.pool, "image.vanished")] == ["img-gone0001"]
     assert simulator.state.deletions == []
+
+
+@pytest.fixture
+def sim_config(sim_config: SimConfig, request: pytest.FixtureRequest) -> SimConfig:
+    """The parts' simulator; parametrized indirectly, new images go unlisted that many seconds."""
+    return replace(sim_config, list_lag=getattr(request, "param", 0.0))
+
+
+@pytest.mark.parametrize("sim_config", [600.0], indirect=True)
+async def test_unlisted_image_keeps_its_job_waiting_until_the_window_closes(
+    engine: EngineContext, simulator: Simulator, sim_clock: SimClock
+) -> None:
+    """Not listed yet: the job waits, expires with its window, and the row later turns NORMAL."""
+    policy = await add_policy(engine.pool)
+    simulator.state.create_delay = LONG
+    image = await make_image(engine, A)
+    job = await add_job(engine.pool, policy, A, image, NOW - timedelta(hours=2))
+    assert await engine.client(ACCOUNT).images_by_ids(REGION, [image]) == []
+    assert await tracker.poll_once(engine) == 1
+    assert (await _job(engine, job))["state"] == "waiting_image"
+    # The window closes (the deadline moved, not the clock) while the image is still unlisted.
+    await engine.pool.execute("UPDATE jobs SET deadline = now() - interval '1 second'")
+    assert await tracker.poll_once(engine) == 1
+    state = await _job(engine, job)
+    assert (state["state"], state["reason"]) == ("expired", "window_closed")
+    row = await engine.pool.fetchrow("SELECT * FROM images WHERE image_id = $1", image)
+    assert row is not None
+    assert (row["state"], row["job_id"], row["deleted_at"]) == ("CREATING", job, None)
+    assert [r["job_id"] for r in await events(engine.pool, "job.expired")] == [job]
+    sim_clock.advance(700)  # listed at last, and built
+    assert await tracker.poll_once(engine) == 0
+    assert await engine.pool.fetchval("SELECT state FROM images WHERE image_id = $1", image) == (
+        "NORMAL"
+    )
+    assert (await _job(engine, job))["state"] == "expired"
 
 
 async def test_polls_in_batches_of_100(engine: EngineContext, simulator: Simulator) -> None:

@@ -59,6 +59,9 @@ def sim_config() -> SimConfig:
         make_sim_config(),
         instances=generate_fleet(FLEET_SIZE, regions=(TEST_REGION,), seed=7, data_disks=1),
         create_delay=(0.3, 1.0),
+        # The real API's eventual consistency: new images listed late, deleted ones linger.
+        list_lag=1.0,
+        delete_delay=1.0,
         faults=FAULTS,
         quota={TEST_REGION: 100_000},
         seed=7,
