@@ -24,6 +24,7 @@ from orchestrator.db.resilience import DbWatch, is_connection_error
 from orchestrator.fence import Fence
 from orchestrator.jobs import ImageRecord, Job
 from orchestrator.pauses import ProbeTimings
+from orchestrator.slots import Slots
 from orchestrator.tencent.client import CallWithheld
 from orchestrator.tencent.errors import ErrorClass, TencentError
 from orchestrator.tencent.models import CreateImageResult, Image
@@ -33,7 +34,8 @@ log = logs.get("dispatcher")
 # A success without ImageId (seed 002) is looked up by name; the image may take a moment to show.
 _LEGACY_LOOKUPS = 3
 _LEGACY_LOOKUP_DELAY = 0.5
-# Claims wait until this fraction of the in-flight slots is free (see `_take_slots`).
+# Claims wait until this fraction of the in-flight slots is free, then take every free one:
+# refilling one slot at a time would cost a claim statement per job once the engine is busy.
 REFILL_FRACTION = 4
 # Connection-level database failures a loop survives (and logs); anything else is a bug.
 DB_BLIPS = (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError)
@@ -93,7 +95,7 @@ class Dispatcher:
         self._in_flight: dict[int, asyncio.Task[None]] = {}
         # When each job's lease was last surely ours: no CreateImage goes out past it.
         self.fence = Fence(ctx.settings.lease_seconds, ctx.settings.request_timeout)
-        self._slots = asyncio.Semaphore(ctx.settings.max_in_flight)
+        self._slots = Slots(ctx.settings.max_in_flight)
         # (account, region) -> until when this process knows its image quota to be full.
         self._full: dict[tuple[str, str], datetime] = {}
         self._refill = max(1, ctx.settings.max_in_flight // REFILL_FRACTION)
@@ -118,7 +120,7 @@ class Dispatcher:
 
     async def dispatch_once(self, stop: asyncio.Event) -> int:
         """Claim as many due jobs as there are free slots and start them; how many started."""
-        wanted = await self._take_slots(stop)
+        wanted = await self._slots.take(self._refill, stop)
         if wanted == 0:
             return 0
         claimed: list[Job] = []
@@ -135,16 +137,12 @@ class Dispatcher:
             )
         finally:
             # A failed claim (the database away) must give its slots back, or they leak for good.
-            self._give_back(wanted - len(claimed))
+            self._slots.give_back(wanted - len(claimed))
         self.fence.leased((job.id for job in claimed), sent)
         for job in claimed:
             task = asyncio.create_task(self._guarded(job), name=f"job-{job.id}")
             self._in_flight[job.id] = task
         return len(claimed)
-
-    def _give_back(self, slots: int) -> None:
-        for _ in range(slots):
-            self._slots.release()
 
     def _accounts(self) -> Collection[str] | None:
         return None if self.held is None else self.held()
@@ -158,39 +156,6 @@ class Dispatcher:
         if (account, None) in self.paused or (account, region) in self.paused:
             return False
         return held is None or account in held
-
-    async def _take_slots(self, stop: asyncio.Event) -> int:
-        # Wait for a refill's worth of free slots, then take every free one: refilling one
-        # slot at a time would cost a claim statement per job once the engine is busy.
-        taken = 0
-        while taken < self._refill:
-            if not await self._one_slot(stop):
-                self._give_back(taken)
-                return 0
-            taken += 1
-        while not self._slots.locked():
-            await self._slots.acquire()
-            taken += 1
-        return taken
-
-    async def _one_slot(self, stop: asyncio.Event) -> bool:
-        """Block for one slot (the in-flight bound); False when `stop` came first."""
-        if stop.is_set():
-            return False
-        if not self._slots.locked():
-            await self._slots.acquire()
-            return True
-        acquired = asyncio.ensure_future(self._slots.acquire())
-        stopped = asyncio.ensure_future(stop.wait())
-        await asyncio.wait({acquired, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        stopped.cancel()
-        if not acquired.done() or acquired.cancelled():
-            acquired.cancel()
-            return False
-        if stop.is_set():
-            self._slots.release()
-            return False
-        return True
 
     async def _idle(self, stop: asyncio.Event) -> None:
         # Sleep until the next job is due, a poll interval passes, or someone wakes us.
@@ -284,7 +249,7 @@ class Dispatcher:
             if self._in_flight.get(job.id) is asyncio.current_task():
                 del self._in_flight[job.id]
             self.fence.forget(job.id)
-            self._slots.release()
+            self._slots.give_back()
 
     # -- call --------------------------------------------------------------------------------
 

@@ -15,10 +15,13 @@ from typing import Any, TextIO
 
 import structlog
 
+from orchestrator.db.dsn import redact_text
+
 # Keys whose values are never logged, whatever code tried to log them.
 _SECRET_KEYS = re.compile(r"secret|password|token|authorization|credential", re.IGNORECASE)
 _HANDLER_NAME = "cvm-backup"
-_DSN_PASSWORD = re.compile(r"(postgres(?:ql)?://[^:/@\s]+:)[^@\s]+@")
+# What a string must contain before the (slower) DSN scrub is worth running on it.
+_MAYBE_DSN = re.compile(r"://|password", re.IGNORECASE)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -29,12 +32,16 @@ def _secret_key(key: str) -> bool:
 
 
 def scrub(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    """Processor: redact secret-looking keys and passwords inside DSNs."""
+    """Processor: redact secret-looking keys, and DSN passwords inside any string value.
+
+    It runs after `format_exc_info`, so a DSN quoted in an exception's message or traceback is
+    scrubbed as well.
+    """
     for key, value in event.items():
         if _secret_key(key) and value is not None:
             event[key] = "***"
-        elif isinstance(value, str) and "://" in value:
-            event[key] = _DSN_PASSWORD.sub(r"\1***@", value)
+        elif isinstance(value, str) and _MAYBE_DSN.search(value):
+            event[key] = redact_text(value)
     return event
 
 
@@ -50,8 +57,8 @@ def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = No
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
-            scrub,
             structlog.processors.format_exc_info,
+            scrub,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(
@@ -73,8 +80,8 @@ def _route_stdlib(renderer: Any, stream: TextIO) -> None:
                 structlog.stdlib.add_log_level,
                 structlog.stdlib.add_logger_name,
                 structlog.processors.TimeStamper(fmt="iso", utc=True),
-                scrub,
                 structlog.processors.format_exc_info,
+                scrub,
             ],
         )
     )

@@ -14,7 +14,9 @@ All slot functions return aware UTC datetimes.
 from __future__ import annotations
 
 import re
+import reprlib
 import tomllib
+import unicodedata
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
@@ -26,13 +28,26 @@ from croniter import CroniterBadCronError, CroniterBadDateError, croniter
 
 from orchestrator.errors import UsageError
 
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,19}$")
-ACCOUNT_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-REGION_RE = re.compile(r"^[a-z]{2,}(-[a-z0-9]+)+$")
-TIMEZONE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_+/-]{0,63}$")
-INSTANCE_ID_RE = re.compile(r"^ins-[a-z0-9]{1,32}$")
-DURATION_RE = re.compile(r"^(?:\d+[dhms])+$")
+# Every pattern is used with fullmatch: `$` would let a trailing newline through.
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,19}")
+ACCOUNT_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+REGION_RE = re.compile(r"[a-z]{2,}(-[a-z0-9]+){1,4}")
+TIMEZONE_RE = re.compile(r"[A-Za-z][A-Za-z0-9_+/-]{0,63}")
+INSTANCE_ID_RE = re.compile(r"ins-[a-z0-9]{1,32}")
+DURATION_RE = re.compile(r"(?:[0-9]{1,9}[dhms]){1,4}")
 _DURATION_UNITS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+_LONGEST_DURATION = 10_000 * 86400
+# Upper bounds (DESIGN §4). Each keeps date arithmetic far from datetime's limits, and Migration
+# 0006 holds the same numbers as CHECK constraints.
+MAX_WINDOW = timedelta(days=31)
+MAX_KEEP = 10_000
+MAX_AGE_DAYS = 36_500
+MAX_INSTANCE_IDS = 10_000
+MAX_SCHEDULE_CHARS = 200
+MAX_FILE_BYTES = 16 * 2**20
+# Tencent's tag rules: keys up to 127 characters, values up to 255, no control characters.
+MAX_TAG_KEY = 127
+MAX_TAG_VALUE = 255
 ON_QUOTA = ("rotate", "fail")
 # DescribeInstances takes at most 10 filters (reference §3.5) and each tag is one `tag:KEY`
 # filter; one stays free for the query itself. Migration 0004 holds the same limit in SQL.
@@ -89,6 +104,16 @@ class Policy:
 # ---------------------------------------------------------------- field validators
 
 
+def _shortener() -> reprlib.Repr:
+    # reprlib never builds the whole repr of a huge value, so a 50 MB string stays cheap.
+    short = reprlib.Repr()
+    short.maxstring, short.maxother, short.maxlist, short.maxdict = 60, 60, 4, 4
+    return short
+
+
+_SHORT = _shortener()
+
+
 def _describe(value: object) -> str:
     kind = {
         bool: "boolean",
@@ -98,8 +123,7 @@ def _describe(value: object) -> str:
         list: "array",
         dict: "table",
     }.get(type(value), type(value).__name__)
-    shown = repr(value)
-    return f"{kind} {shown if len(shown) <= 60 else shown[:57] + '...'}"
+    return f"{kind} {_SHORT.repr(value)}"
 
 
 def _expect(ok: bool, expected: str, value: object) -> None:
@@ -108,7 +132,7 @@ def _expect(ok: bool, expected: str, value: object) -> None:
 
 
 def _string(value: object, pattern: re.Pattern[str], expected: str) -> str:
-    _expect(isinstance(value, str) and bool(pattern.match(value)), expected, value)
+    _expect(isinstance(value, str) and bool(pattern.fullmatch(value)), expected, value)
     assert isinstance(value, str)
     return value
 
@@ -133,8 +157,10 @@ def check_region(value: object) -> str:
 def check_schedule(value: object) -> str:
     """Five-field cron expression that croniter accepts and that matches some date."""
     expected = 'a five-field cron expression like "0 3 * * *"'
-    _expect(isinstance(value, str) and len(value.split()) == 5, expected, value)
+    ok = isinstance(value, str) and len(value) <= MAX_SCHEDULE_CHARS and len(value.split()) == 5
+    _expect(ok, expected, value)
     assert isinstance(value, str)
+    _expect(not _has_control(value.replace("\t", " ")), expected, value)
     try:
         croniter(value, datetime(2000, 1, 1)).get_next(datetime)
     except (CroniterBadCronError, CroniterBadDateError, ValueError, KeyError):
@@ -148,7 +174,7 @@ def check_schedule(value: object) -> str:
 def check_timezone(value: object) -> str:
     """IANA timezone name known to zoneinfo."""
     expected = 'an IANA timezone like "Asia/Shanghai"'
-    _expect(isinstance(value, str) and bool(TIMEZONE_RE.match(value)), expected, value)
+    _expect(isinstance(value, str) and bool(TIMEZONE_RE.fullmatch(value)), expected, value)
     assert isinstance(value, str)
     try:
         ZoneInfo(value)
@@ -162,28 +188,42 @@ def check_instance_ids(value: object) -> tuple[str, ...]:
     expected = 'an array of instance ids like "ins-6pb6lrmy"'
     _expect(isinstance(value, list | tuple), expected, value)
     assert isinstance(value, list | tuple)
+    if len(value) > MAX_INSTANCE_IDS:
+        raise FieldError(f"expected at most {MAX_INSTANCE_IDS} instance ids, got {len(value)}")
     for item in value:
-        _expect(isinstance(item, str) and bool(INSTANCE_ID_RE.match(item)), expected, item)
+        _expect(isinstance(item, str) and bool(INSTANCE_ID_RE.fullmatch(item)), expected, item)
     _expect(len(set(value)) == len(value), "distinct instance ids", value)
     return tuple(value)
 
 
+def _has_control(text: str) -> bool:
+    # Cc: C0 and C1 controls and DEL; stored raw they would rewrite an operator's terminal.
+    return any(unicodedata.category(char) == "Cc" for char in text)
+
+
+def _tag_problem(key: object, item: object) -> str | None:
+    if not (isinstance(key, str) and key and isinstance(item, str) and item):
+        return "non-empty string keys and values"
+    if len(key) > MAX_TAG_KEY or len(item) > MAX_TAG_VALUE:
+        return f"keys of at most {MAX_TAG_KEY} and values of at most {MAX_TAG_VALUE} characters"
+    if _has_control(key) or _has_control(item):
+        return "no control characters in tag keys or values"
+    return None
+
+
 def check_tags(value: object) -> dict[str, str]:
-    """Table of tag key -> value, both non-empty strings."""
+    """Table of tag key -> value: non-empty, within Tencent's lengths, no control characters."""
     expected = 'a table of non-empty string tag values, like { backup = "nightly" }'
     _expect(isinstance(value, Mapping), expected, value)
     assert isinstance(value, Mapping)
-    for key, item in value.items():
-        _expect(
-            isinstance(key, str) and key != "" and isinstance(item, str) and item != "",
-            expected,
-            {key: item},
-        )
     if len(value) > MAX_INSTANCE_TAGS:
         raise FieldError(
             f"expected at most {MAX_INSTANCE_TAGS} tags (DescribeInstances takes at most 10"
             f" filters, one per tag), got {len(value)}"
         )
+    for key, item in value.items():
+        if (problem := _tag_problem(key, item)) is not None:
+            raise FieldError(f"expected {problem}, got {_describe({key: item})}")
     return dict(value)
 
 
@@ -203,8 +243,10 @@ def check_on_quota(value: object) -> str:
 
 def parse_duration(text: str) -> timedelta:
     """ "6h", "90m", "1d", "1h30m" -> timedelta; raises FieldError otherwise."""
-    _expect(bool(DURATION_RE.match(text)), 'a duration like "6h", "90m" or "1d"', text)
-    seconds = sum(int(n) * _DURATION_UNITS[u] for n, u in re.findall(r"(\d+)([dhms])", text))
+    _expect(bool(DURATION_RE.fullmatch(text)), 'a duration like "6h", "90m" or "1d"', text)
+    seconds = sum(int(n) * _DURATION_UNITS[u] for n, u in re.findall(r"([0-9]+)([dhms])", text))
+    # Four parts of nine digits still fit in a float, but not always in a timedelta.
+    _expect(seconds <= _LONGEST_DURATION, "a duration of at most 10000 days", text)
     return timedelta(seconds=seconds)
 
 
@@ -224,13 +266,14 @@ def check_window(value: object) -> timedelta:
     assert isinstance(value, str)
     delta = parse_duration(value)
     _expect(delta > timedelta(0), "a positive duration", value)
+    _expect(delta <= MAX_WINDOW, f"a duration of at most {format_duration(MAX_WINDOW)}", value)
     return delta
 
 
-def _count(value: object, minimum: int) -> int:
+def _count(value: object, minimum: int, maximum: int) -> int:
     # bool is an int subclass in Python; `keep_last = true` is a mistake, not 1.
-    ok = isinstance(value, int) and not isinstance(value, bool) and value >= minimum
-    _expect(ok, f"an integer >= {minimum}", value)
+    ok = isinstance(value, int) and not isinstance(value, bool) and minimum <= value <= maximum
+    _expect(ok, f"an integer from {minimum} to {maximum}", value)
     assert isinstance(value, int)
     return value
 
@@ -303,7 +346,7 @@ def _check_retention(raw: object, errors: _Errors) -> Retention | None:
             )
             continue
         try:
-            values[key] = _count(value, 1 if key == "max_age_days" else 0)
+            values[key] = _retention_count(key, value)
         except FieldError as exc:
             errors.add(f"retention.{key}", str(exc))
     if not any(values.get(rule, 0) > 0 for rule in KEEP_RULES) and not any(
@@ -311,6 +354,12 @@ def _check_retention(raw: object, errors: _Errors) -> Retention | None:
     ):
         errors.add("retention", f"expected at least one keep rule > 0 ({', '.join(KEEP_RULES)})")
     return Retention(**values)
+
+
+def _retention_count(key: str, value: object) -> int:
+    if key == "max_age_days":
+        return _count(value, 1, MAX_AGE_DAYS)
+    return _count(value, 0, MAX_KEEP)
 
 
 def _check_targets(values: Mapping[str, Any], raw: Mapping[str, Any], errors: _Errors) -> None:
@@ -328,7 +377,11 @@ def _check_targets(values: Mapping[str, Any], raw: Mapping[str, Any], errors: _E
 
 def _label(raw: Mapping[str, Any], index: int) -> str:
     name = raw.get("name")
-    return f"#{index} {name!r}" if isinstance(name, str) else f"#{index}"
+    if not isinstance(name, str):
+        return f"#{index}"
+    # A hostile name may be megabytes long; the label only has to tell policies apart.
+    shown = repr(name)
+    return f"#{index} {shown if len(shown) <= 40 else shown[:37] + '...'}"
 
 
 def validate(
@@ -375,13 +428,21 @@ def _policy_tables(data: Mapping[str, Any], where: str) -> list[Mapping[str, Any
     return tables
 
 
-def parse_text(text: str, where: str) -> list[Policy]:
-    """Policies from TOML text; raises PolicyError listing every problem."""
+def _toml(text: str, where: str) -> dict[str, Any]:
     try:
-        data = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise PolicyError(f"{where}: not valid TOML: {exc}") from None
-    tables = _policy_tables(data, where)
+    except RecursionError:
+        raise PolicyError(f"{where}: not valid TOML: nested too deeply") from None
+    except ValueError:
+        # int() refuses numbers of more than 4300 digits before TOML's own checks run.
+        raise PolicyError(f"{where}: not valid TOML: a number is too long") from None
+
+
+def parse_text(text: str, where: str) -> list[Policy]:
+    """Policies from TOML text; raises PolicyError listing every problem."""
+    tables = _policy_tables(_toml(text, where), where)
     messages = _duplicates(tables, where)
     policies = []
     for index, raw in enumerate(tables, start=1):
@@ -397,9 +458,17 @@ def parse_text(text: str, where: str) -> list[Policy]:
 def load_file(path: Path) -> list[Policy]:
     """Policies from a TOML file (DESIGN §4); raises PolicyError listing every problem."""
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except OSError as exc:
         raise PolicyError(f"{path}: cannot read policy file: {exc.strerror}") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise PolicyError(f"{path}: policy file is larger than {MAX_FILE_BYTES // 2**20} MiB")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PolicyError(f"{path}: not valid TOML: not UTF-8 (byte {exc.start})") from None
+    if "\0" in text:
+        raise PolicyError(f"{path}: not valid TOML: the file contains a NUL byte")
     return parse_text(text, str(path))
 
 

@@ -147,7 +147,12 @@ def _newest_per_bucket(
 def _expired(rules: Rules, now: datetime, normal: Sequence[Candidate]) -> set[str]:
     if rules.max_age_days is None:
         return set()
-    cutoff = _aware(now) - timedelta(days=rules.max_age_days)
+    try:
+        cutoff = _aware(now) - timedelta(days=rules.max_age_days)
+    except OverflowError:
+        # Older than the calendar itself: a row that predates migration 0006's bound expires
+        # nothing, which is exactly what such an age means.
+        return set()
     return {c.image_id for c in normal if c.created < cutoff}
 
 

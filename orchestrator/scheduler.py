@@ -248,7 +248,7 @@ async def _count(client: CvmClient, region: str, filters: Sequence[Filter]) -> i
 def _next_slot(policy: Policy, now: datetime) -> datetime | None:
     try:
         return policies.next_slot_after(policy, now)
-    except (ValueError, KeyError):
+    except (ValueError, KeyError, ArithmeticError):
         return None
 
 
@@ -414,6 +414,18 @@ def _ours(ctx: EngineContext, found: Sequence[Policy], driven: Driven) -> list[P
     return [p for p in found if p.account in held or p.account not in ctx.clients]
 
 
+# What one policy's pass may raise without stopping the others: the API, a missing account, a
+# cron or timezone that broke, a value that overflows date arithmetic in Python or Postgres.
+_POLICY_FAILURES = (
+    TencentError,
+    LookupError,
+    ValueError,
+    KeyError,
+    ArithmeticError,
+    asyncpg.DataError,
+)
+
+
 async def _schedule_one(ctx: EngineContext, policy: Policy, now: datetime) -> Scheduled | None:
     try:
         slot = due_slot(policy, now)
@@ -424,8 +436,8 @@ async def _schedule_one(ctx: EngineContext, policy: Policy, now: datetime) -> Sc
         if await _settled(ctx.pool, policy, slot):
             return None
         return await _scheduled_or_refused(ctx, policy, slot)
-    except (TencentError, LookupError, ValueError, KeyError) as exc:
-        # Retried on the next pass; a policy whose cron or timezone broke is reported each time.
+    except _POLICY_FAILURES as exc:
+        # Retried on the next pass, and so reported on each.
         log.error(
             "schedule.failed", policy=policy.name, error=str(exc), code=getattr(exc, "code", None)
         )
@@ -514,7 +526,7 @@ def next_wakeup(found: Iterable[Policy], now: datetime, cap: float) -> float:
     """Seconds until the earliest next slot of `found`, at most `cap`."""
     wait = cap
     for policy in found:
-        with contextlib.suppress(ValueError, KeyError):
+        with contextlib.suppress(ValueError, KeyError, ArithmeticError):
             upcoming = policies.next_slot_after(policy, now)
             # A little past the boundary, so the pass that wakes sees the new slot as due.
             wait = min(wait, max((upcoming - now).total_seconds(), 0.0) + _SLOT_PAD)

@@ -77,8 +77,8 @@ def test_environment_beats_file(tmp_path: Path) -> None:
     """An environment variable overrides the same setting in the file."""
     path = tmp_path / "c.toml"
     path.write_text('endpoint = "http://127.0.0.1:1"\n[limits]\nCreateImage = 5\n')
-    settings = config.load({"CVM_BACKUP_CONFIG": str(path), "CVM_BACKUP_ENDPOINT": "http://x:2"})
-    assert settings.endpoint == "http://x:2"
+    settings = config.load({"CVM_BACKUP_CONFIG": str(path), "CVM_BACKUP_ENDPOINT": "https://x:2"})
+    assert settings.endpoint == "https://x:2"
     assert settings.limits["CreateImage"] == 5
     assert settings.limits["DescribeImages"] == 40
 
@@ -195,15 +195,33 @@ def _expected(cls: type, name: str) -> str:
         ("max_in_flight = 128.0\n", "max_in_flight", "expected an integer, got float 128.0"),
         ('max_in_flight = "lots"\n', "max_in_flight", "expected an integer, got string 'lots'"),
         ("max_in_flight = true\n", "max_in_flight", "expected an integer, got boolean True"),
-        ("max_in_flight = 0\n", "max_in_flight", "must be greater than 0, not 0"),
-        ("lease_seconds = -5\n", "lease_seconds", "must be greater than 0, not -5.0"),
+        ("max_in_flight = 0\n", "max_in_flight", "must be greater than 0 and at most 10000, not 0"),
+        ("max_in_flight = 9223372036854775807\n", "max_in_flight", "at most 10000"),
+        (
+            "lease_seconds = -5\n",
+            "lease_seconds",
+            "must be greater than 0 and at most 3600, not -5.0",
+        ),
+        ("lease_seconds = 1e308\n", "lease_seconds", "at most 3600, not 1e+308"),
+        ("request_timeout = 1e9\n", "request_timeout", "at most 300"),
+        ("reconcile_interval = 1e12\n", "reconcile_interval", "at most 604800"),
+        (
+            "[retry]\nmax_transient_attempts = 100000\n",
+            "retry.max_transient_attempts",
+            "at most 1000",
+        ),
+        ("[limits]\nCreateImage = 10000000\n", "limits.CreateImage", "from 1 to 1000000"),
+        ('metrics_address = "127.0.0.1:99999"\n', "metrics_address", "must be host:port"),
+        ('home = "/etc/passwd"\n', "home", "must be a directory; it is a file"),
+        ('home = "/etc/passwd/sub"\n', "home", "must be a directory; /etc/passwd is a file"),
+        ('home = "/tmp/a\\u0000b"\n', "home", "cannot be examined"),
         ("poll_interval = 0\n", "poll_interval", "must be greater than 0"),
         ("request_timeout = nan\n", "request_timeout", "expected a finite number, got float nan"),
         ("request_timeout = inf\n", "request_timeout", "expected a finite number"),
-        ("shutdown_grace = -1\n", "shutdown_grace", "must be 0 or more"),
-        ("limiter_jitter = -0.1\n", "limiter_jitter", "must be 0 or more"),
-        ("rate_margin = 0\n", "rate_margin", "must be in (0, 1]"),
-        ("rate_margin = 1.5\n", "rate_margin", "must be in (0, 1]"),
+        ("shutdown_grace = -1\n", "shutdown_grace", "must be 0 to 3600"),
+        ("limiter_jitter = -0.1\n", "limiter_jitter", "must be 0 to 1"),
+        ("rate_margin = 0\n", "rate_margin", "must be greater than 0 and at most 1"),
+        ("rate_margin = 1.5\n", "rate_margin", "must be greater than 0 and at most 1"),
         ('delete_binded_snap = "yes"\n', "delete_binded_snap", "expected true or false"),
         ('log_format = "xml"\n', "log_format", "must be auto, json or console, not 'xml'"),
         ('log_level = "loud"\n', "log_level", "must be one of debug, info, warning"),
@@ -211,7 +229,7 @@ def _expected(cls: type, name: str) -> str:
         ('metrics_address = "h:99999"\n', "metrics_address", "must be host:port"),
         ('metrics_address = ":9108"\n', "metrics_address", "must be host:port"),
         ('endpoint = "ftp://x"\n', "endpoint", "must be a full URL"),
-        ('endpoint = "http://h/path"\n', "endpoint", "must have no path"),
+        ('endpoint = "https://h/path"\n', "endpoint", "must have no path"),
         ('home = ""\n', "home", "expected a non-empty path string"),
         ("bogus = 1\n", "bogus", "unknown key; expected one of accounts, database_url"),
         ("[retry]\nmax_transient_attempts = 0\n", "retry.max_transient_attempts", "greater"),
@@ -231,7 +249,7 @@ def _expected(cls: type, name: str) -> str:
         ),
         ("lease_seconds = 30\n", "request_timeout", "must not exceed 1/2 of lease_seconds"),
         ("limits = [1]\n", "limits", "expected a [limits] table, got an array"),
-        ("[limits]\nCreateImage = 0\n", "limits.CreateImage", "must be a positive integer"),
+        ("[limits]\nCreateImage = 0\n", "limits.CreateImage", "must be an integer from 1 to"),
         ("[limits]\nCreateImage = 2.5\n", "limits.CreateImage", "not float 2.5"),
         ("[limits]\nCreateImage = true\n", "limits.CreateImage", "not boolean True"),
         ("[limits]\nCreateImages = 3\n", "limits.CreateImages", "unknown action"),
@@ -305,7 +323,7 @@ def test_environment_problems_name_the_variable(tmp_path: Path) -> None:
         f"{config.DEFAULT_ENDPOINT}",
         "environment CVM_BACKUP_LOG_FORMAT: log_format: must be auto, json or console, not 'xml'",
     ]
-    assert messages[0].endswith(": poll_interval: must be greater than 0, not 0.0")
+    assert messages[0].endswith(": poll_interval: must be greater than 0 and at most 3600, not 0.0")
 
 
 def test_environment_alone_is_checked() -> None:

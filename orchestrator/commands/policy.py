@@ -32,6 +32,11 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="remove stored policies missing from the file (disable if they ran)",
     )
+    apply.add_argument(
+        "--yes",
+        action="store_true",
+        help="confirm --prune of a file with no policies (removes every stored policy)",
+    )
     apply.set_defaults(handler=run_apply)
     listing = commands.add_parser("list", help="the policies and their next slot")
     listing.set_defaults(handler=run_list)
@@ -75,7 +80,10 @@ async def _apply(args: argparse.Namespace) -> int:
     from orchestrator.policies import PolicyError, load_file
 
     wanted = load_file(args.file)  # validation first: a bad file never touches the database
-    conn = await pool.connect(config.load())
+    settings = config.load()
+    _check_accounts(args.file, wanted, settings)
+    _check_prune(args, wanted)
+    conn = await pool.connect(settings)
     try:
         await migrate.ensure_current(conn)
         result = await queries.apply(conn, wanted, dry_run=args.dry_run, prune_missing=args.prune)
@@ -91,6 +99,32 @@ async def _apply(args: argparse.Namespace) -> int:
         print(line)
     print(f"dry run: nothing written ({args.file})" if args.dry_run else f"applied {args.file}")
     return 0
+
+
+def _check_accounts(path: Path, wanted: list[Policy], settings: config.Settings) -> None:
+    """Every policy names a configured account: otherwise it could never run."""
+    from orchestrator.policies import PolicyError
+
+    known = [account.name for account in settings.accounts]
+    problems = [
+        f"{path}: policy #{index} {policy.name!r}: account: {policy.account!r} is not "
+        f"configured; expected one of {', '.join(known)} (the [[accounts]] of the config file)"
+        for index, policy in enumerate(wanted, start=1)
+        if policy.account not in known
+    ]
+    if problems:
+        raise PolicyError(*problems)
+
+
+def _check_prune(args: argparse.Namespace, wanted: list[Policy]) -> None:
+    """An empty file with --prune would remove every policy: only on explicit confirmation."""
+    from orchestrator.errors import UsageError
+
+    if args.prune and not wanted and not args.yes:
+        raise UsageError(
+            f"{args.file}: --prune: the file has no policies, so every stored policy would be "
+            "removed; add --yes if that is what you want"
+        )
 
 
 def run_apply(args: argparse.Namespace) -> int:

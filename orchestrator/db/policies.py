@@ -28,10 +28,14 @@ from orchestrator.policies import (
 if TYPE_CHECKING:
     from orchestrator.db.pool import Conn
 
+# An interval past timedelta's range (a row older than migration 0006's bound) would fail the
+# decoding of every row fetched with it; clamped to 10000 days it is still over the validator's
+# bound, so that row alone is reported and skipped.
 _COLUMNS = (
     "id, name, account, region, schedule, timezone, instance_ids, instance_tags, force_poweroff,"
-    " sysprep, include_data_disks, on_quota, completion_window, enabled, keep_last, keep_daily,"
-    " keep_weekly, keep_monthly, keep_yearly, max_age_days"
+    " sysprep, include_data_disks, on_quota,"
+    " LEAST(completion_window, interval '10000 days') AS completion_window, enabled, keep_last,"
+    " keep_daily, keep_weekly, keep_monthly, keep_yearly, max_age_days"
 )
 _PLAIN = (
     "name",
@@ -89,14 +93,28 @@ def row_to_policy(row: asyncpg.Record) -> Policy:
     return policy
 
 
+# Problems already reported, by row id: every pass fetches the rows again, and an error per
+# pass would bury everything else in the log. A row reported once is reported again only when
+# its problems change (or after it was fixed and broke again).
+_reported: dict[int, tuple[str, ...]] = {}
+
+
 def _valid(rows: Sequence[asyncpg.Record]) -> list[Policy]:
     policies = []
     for row in rows:
         try:
             policies.append(row_to_policy(row))
+            _reported.pop(row["id"], None)
         except PolicyError as exc:
-            logs.get(__name__).error("policy.invalid", policy=row["name"], problems=exc.messages)
+            _report(row, tuple(exc.messages))
     return policies
+
+
+def _report(row: asyncpg.Record, problems: tuple[str, ...]) -> None:
+    log = logs.get(__name__)
+    first = _reported.get(row["id"]) != problems
+    _reported[row["id"]] = problems
+    (log.error if first else log.debug)("policy.invalid", policy=row["name"], problems=problems)
 
 
 async def fetch_policies(
@@ -197,15 +215,28 @@ async def apply(
     dry_run: bool = False,
     prune_missing: bool = False,
 ) -> ApplyResult:
-    """Diff and (unless dry_run) upsert every policy in one transaction; all or nothing."""
-    async with conn.transaction():
-        await conn.execute(_LOCK)
-        result = diff(await fetch_policies(conn), wanted)
-        plan = await plan_prune(conn, [p.name for p in result.missing]) if prune_missing else None
-        if dry_run:
-            return ApplyResult(result, plan)
-        for policy in (*result.added, *(p for p, _ in result.changed)):
-            await upsert(conn, policy)
-        if plan is not None:
-            await prune(conn, plan)
-        return ApplyResult(result, plan)
+    """Diff and upsert every policy in one transaction; all or nothing.
+
+    A dry run makes the very same writes and rolls them back, so it refuses exactly what the
+    real apply refuses (a CHECK the validator does not mirror included).
+    """
+    transaction = conn.transaction()
+    await transaction.start()
+    try:
+        result = await _apply_in(conn, wanted, prune_missing=prune_missing)
+    except BaseException:
+        await transaction.rollback()
+        raise
+    await (transaction.rollback() if dry_run else transaction.commit())
+    return result
+
+
+async def _apply_in(conn: Conn, wanted: Sequence[Policy], *, prune_missing: bool) -> ApplyResult:
+    await conn.execute(_LOCK)
+    result = diff(await fetch_policies(conn), wanted)
+    plan = await plan_prune(conn, [p.name for p in result.missing]) if prune_missing else None
+    for policy in (*result.added, *(p for p, _ in result.changed)):
+        await upsert(conn, policy)
+    if plan is not None:
+        await prune(conn, plan)
+    return ApplyResult(result, plan)

@@ -8,16 +8,22 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import TYPE_CHECKING, Any, TypeAlias
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 import asyncpg
 
 from orchestrator.config import Settings
 from orchestrator.db import embedded
-from orchestrator.db.dsn import redact
+from orchestrator.db.dsn import problem, redact, redact_text
 from orchestrator.errors import UsageError
 
 CONNECT_TIMEOUT = 10.0
+# Failures whose messages say what went wrong on the network or the server (host, port, user,
+# database; never the password): shown, scrubbed all the same.
+_REACHABILITY_ERRORS = (TimeoutError, OSError, asyncpg.PostgresError)
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     from asyncpg.pool import PoolConnectionProxy
@@ -28,6 +34,10 @@ if TYPE_CHECKING:
 
 class DatabaseUnavailable(UsageError):
     """The database cannot be reached; the message names the (redacted) DSN."""
+
+
+class DatabaseMisconfigured(UsageError):
+    """The DSN cannot be used as written (not transient: retrying will not help)."""
 
 
 def resolve_dsn(settings: Settings) -> str:
@@ -87,17 +97,40 @@ def keeps_session_state(conn: Any) -> None:
         flag()
 
 
-def _unavailable(dsn: str, exc: BaseException) -> DatabaseUnavailable:
-    # asyncpg messages carry host and port, never the password; the DSN is redacted here.
-    return DatabaseUnavailable(f"database {redact(dsn)} is unreachable: {exc}")
+def _failure(dsn: str, exc: Exception) -> UsageError:
+    where = redact(dsn)
+    if isinstance(exc, _REACHABILITY_ERRORS):
+        return DatabaseUnavailable(
+            f"database {where} is unreachable: {redact_text(str(exc), dsn=dsn)}"
+        )
+    # asyncpg's parse errors (ValueError, IndexError, ...) quote the DSN piece they choked on,
+    # which may be part of the password: only the type is shown.
+    return DatabaseMisconfigured(
+        f"database {where}: asyncpg refused the DSN or its settings ({type(exc).__name__}; "
+        "its message is not shown: it may quote the password)"
+    )
+
+
+async def _open(dsn: str, opener: Callable[[], Awaitable[T]]) -> T:
+    """`opener()` (a connect or a pool), every failure turned into one of our errors.
+
+    The error is raised outside the `except` block so it carries no `__context__`: the original
+    exception, message and all, never reaches a traceback.
+    """
+    reason = problem(dsn)
+    if reason is not None:
+        raise DatabaseMisconfigured(f"database {redact(dsn)} {reason}")
+    try:
+        return await opener()
+    except Exception as exc:  # noqa: BLE001 - every message may quote the DSN
+        failure = _failure(dsn, exc)
+    raise failure
 
 
 async def connect_dsn(dsn: str) -> asyncpg.Connection:
-    """One connection with our codecs; unreachable -> DatabaseUnavailable."""
-    try:
-        conn = await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT)
-    except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
-        raise _unavailable(dsn, exc) from None
+    """One connection with our codecs; unreachable -> DatabaseUnavailable, bad DSN ->
+    DatabaseMisconfigured (neither ever quoting the password)."""
+    conn = await _open(dsn, lambda: asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT))
     await init_connection(conn)
     return conn
 
@@ -109,18 +142,18 @@ async def connect(settings: Settings) -> asyncpg.Connection:
 
 
 async def create_pool_dsn(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
-    """A pool with our codecs; unreachable -> DatabaseUnavailable."""
-    try:
-        pool: Any = await asyncpg.create_pool(
+    """A pool with our codecs; failures as for `connect_dsn`."""
+    pool: Any = await _open(
+        dsn,
+        lambda: asyncpg.create_pool(
             dsn,
             min_size=min_size,
             max_size=max_size,
             init=init_connection,
             timeout=CONNECT_TIMEOUT,
             connection_class=PoolConnection,
-        )
-    except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
-        raise _unavailable(dsn, exc) from None
+        ),
+    )
     return pool  # type: ignore[no-any-return]
 
 

@@ -9,6 +9,8 @@ from typing import Any
 from orchestrator.simulator.apierror import ApiError, invalid, missing
 
 MAX_FILTERS = 10
+# Integer parameters are int64 on the real API.
+MAX_INTEGER = 2**63 - 1
 MAX_FILTER_VALUES = 5
 Filters = list[tuple[str, list[str]]]
 
@@ -18,15 +20,26 @@ def parse_body(raw: bytes) -> dict[str, Any]:
     if not raw.strip():
         return {}
     try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+        body = json.loads(raw, parse_constant=_not_json)
+    except json.JSONDecodeError as exc:
         raise ApiError("InvalidParameter", f"The request body is not valid JSON: {exc}.") from None
+    except UnicodeDecodeError:
+        raise ApiError("InvalidParameter", "The request body is not UTF-8 JSON.") from None
+    except ValueError:
+        # Python's own limit on integer digits (4300): no int64 parameter is that long, and its
+        # message would talk about sys.set_int_max_str_digits.
+        raise ApiError("InvalidParameter", "The request body holds a number too long.") from None
     except RecursionError:
         # Deeply nested arrays or objects exhaust the parser's stack: refuse, do not crash.
         raise ApiError("InvalidParameter", "The request body is nested too deeply.") from None
     if not isinstance(body, dict):
         raise ApiError("InvalidParameter", "The request body must be a JSON object.")
     return body
+
+
+def _not_json(constant: str) -> Any:
+    # json.loads takes NaN and Infinity, which are not JSON: the real API's parser refuses them.
+    raise ApiError("InvalidParameter", f"The request body is not valid JSON: `{constant}`.")
 
 
 class Params:
@@ -71,6 +84,8 @@ class Params:
             return default
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise invalid(name, "expected a non-negative integer")
+        if value > MAX_INTEGER:
+            raise invalid(name, f"must be at most {MAX_INTEGER}")
         return value
 
     def flag(self, name: str) -> bool:

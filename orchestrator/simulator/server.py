@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +42,7 @@ DROPPED = "DROPPED"
 HTTP_5XX = 502
 STATE_KEY = web.AppKey("sim_state", SimState)
 MAX_BODY = 1024 * 1024
+_log = logging.getLogger(__name__)
 
 
 def _answer(fields: Json, request_id: str) -> web.Response:
@@ -74,13 +76,23 @@ class ApiHandler:
         self._faults = faults
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        """Handle one `POST /`."""
+        """Handle one `POST /`: always an API answer, never aiohttp's bare HTTP 500."""
         call = _Call(
             request=request,
             request_id=str(uuid.uuid4()),
             action=request.headers.get("X-TC-Action", ""),
             region=request.headers.get("X-TC-Region", ""),
         )
+        try:
+            return await self._handle(call)
+        except ConnectionError:
+            raise  # the client is gone: nobody to answer
+        except Exception:  # noqa: BLE001 - a simulator bug answers as Tencent's own would
+            _log.exception("simulator: unexpected error in %s", call.action)
+            return self._reply_error(call, _internal_error())
+
+    async def _handle(self, call: _Call) -> web.StreamResponse:
+        request = call.request
         try:
             body = await _read(request)
             decision = self._admit(call, body)
@@ -130,8 +142,7 @@ class ApiHandler:
 
     def _inject(self, call: _Call, fault: Fault) -> web.StreamResponse:
         if fault is Fault.INTERNAL_ERROR:
-            error = ApiError("InternalError", "An internal error occurred; please retry later.")
-            return self._reply_error(call, error)
+            return self._reply_error(call, _internal_error())
         if fault is Fault.HTTP_5XX:
             self._record(call, f"HTTP{HTTP_5XX}")
             return web.Response(
@@ -152,14 +163,27 @@ class ApiHandler:
         )
 
 
+def _internal_error() -> ApiError:
+    return ApiError("InternalError", "An internal error occurred; please retry later.")
+
+
+def _too_large() -> ApiError:
+    return ApiError("RequestSizeLimitExceeded", f"The request body exceeds {MAX_BODY} bytes.")
+
+
 async def _read(request: web.Request) -> bytes:
+    declared = request.content_length
+    if declared is not None and declared > MAX_BODY:
+        # Refused up front: reading would wait for a body that may never come.
+        raise _too_large()
     try:
         return await request.read()
     except web.HTTPRequestEntityTooLarge:
         # The API's own answer rather than aiohttp's bare 413.
-        raise ApiError(
-            "RequestSizeLimitExceeded", f"The request body exceeds {MAX_BODY} bytes."
-        ) from None
+        raise _too_large() from None
+    except web.RequestPayloadError:
+        # A gzip or deflate Content-Encoding whose data does not decompress.
+        raise ApiError("InvalidParameter", "The request body could not be decoded.") from None
 
 
 def _drop(request: web.Request) -> web.StreamResponse:

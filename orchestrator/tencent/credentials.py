@@ -10,6 +10,7 @@ import asyncio
 import configparser
 import json
 import os
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +34,15 @@ log = logs.get("tencent.credentials")
 
 def _mask(value: str) -> str:
     return f"{value[:4]}***{value[-4:]}" if len(value) > 12 else "***"
+
+
+# A profile name is shown only while it cannot be a pasted key (a SecretKey has 32 characters).
+_PROFILE_SHOWN = re.compile(r"[A-Za-z0-9_.-]{1,20}")
+
+
+def shown_profile(profile: str) -> str:
+    """The profile name as it may be printed: masked when it could be a secret pasted there."""
+    return profile if _PROFILE_SHOWN.fullmatch(profile) else _mask(profile)
 
 
 @dataclass(frozen=True, slots=True, repr=False)
@@ -128,15 +138,22 @@ def _read_profile(paths: Sequence[Path], profile: str) -> Credentials:
         parser.read(path, encoding="utf-8")
     except configparser.Error as exc:
         raise CredentialsError(f"{path}: not a valid INI file ({type(exc).__name__})") from None
+    except UnicodeDecodeError as exc:
+        raise CredentialsError(
+            f"{path}: not a valid INI file (not UTF-8 at byte {exc.start})"
+        ) from None
+    except OSError as exc:
+        raise CredentialsError(f"{path}: cannot read credentials file: {exc.strerror}") from None
+    name = shown_profile(profile)
     if not parser.has_section(profile):
-        raise CredentialsError(f"{path}: no [{profile}] profile")
+        raise CredentialsError(f"{path}: no [{name}] profile")
     section = parser[profile]
     secret_id = section.get("secret_id", "").strip()
     secret_key = section.get("secret_key", "").strip()
     if not secret_id or not secret_key:
-        raise CredentialsError(f"{path}: [{profile}] needs secret_id and secret_key")
+        raise CredentialsError(f"{path}: [{name}] needs secret_id and secret_key")
     token = section.get("token", "").strip() or None
-    return Credentials(secret_id, secret_key, token, source=f"{path}[{profile}]")
+    return Credentials(secret_id, secret_key, token, source=f"{path}[{name}]")
 
 
 class ProfileCredentials:
@@ -147,7 +164,7 @@ class ProfileCredentials:
         self._paths = tuple(paths) if paths is not None else default_profile_paths()
 
     def __repr__(self) -> str:
-        return f"ProfileCredentials(profile={self._profile!r})"
+        return f"ProfileCredentials(profile={shown_profile(self._profile)!r})"
 
     async def get(self) -> Credentials:
         """Keys from the first credentials file that exists."""

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from orchestrator.errors import UsageError
 
@@ -30,7 +31,37 @@ def _split(endpoint: str) -> tuple[str, str]:
     # The canonical request signs the path "/", so anything else would be signed wrongly.
     if parts.path not in {"", "/"} or parts.query or parts.fragment:
         raise UsageError(f"endpoint {endpoint!r}: must have no path, query or fragment")
+    if not _port_ok(parts):
+        raise UsageError(f"endpoint {endpoint!r}: the port must be an integer from 1 to 65535")
+    if parts.scheme == "http" and not _loopback(parts.hostname):
+        # Plain HTTP would send the SecretId, the signature and any session token in clear.
+        raise UsageError(
+            f"endpoint {endpoint!r}: plain http:// is only for loopback hosts (the simulator on "
+            "127.0.0.1, ::1 or localhost); use https://"
+        )
     return parts.scheme, parts.netloc
+
+
+def _port_ok(parts: SplitResult) -> bool:
+    _, colon, port = parts.netloc.rpartition("]")[2].partition(":")
+    if not colon:
+        return True
+    try:
+        # `.port` raises ValueError for ":abc" and ":99999"; it also takes "+1" and " 1",
+        # which the Host header we sign would then carry verbatim.
+        number = parts.port
+    except ValueError:
+        return False
+    return number is not None and port.isascii() and port.isdigit() and 1 <= number <= 65535
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def is_default(endpoint: str) -> bool:

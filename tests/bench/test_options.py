@@ -25,7 +25,8 @@ def test_daemon_settings_reach_the_options() -> None:
 
 def test_a_setting_the_daemon_would_refuse_is_refused_up_front() -> None:
     """A bad key or value is a usage error naming the flag, before any scenario runs."""
-    with pytest.raises(UsageError, match=r"--daemon-setting: rate_margin: must be in \(0, 1\]"):
+    refused = r"--daemon-setting: rate_margin: must be greater than 0 and at most 1"
+    with pytest.raises(UsageError, match=refused):
         _options("--daemon-setting", "rate_margin=2")
     with pytest.raises(UsageError, match="bogus: unknown key"):
         _options("--daemon-setting", "bogus=1")

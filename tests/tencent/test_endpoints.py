@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 
 from orchestrator.errors import UsageError
-from orchestrator.tencent.endpoints import DEFAULT_ENDPOINT, INTL_ENDPOINT, Endpoint, resolve
+from orchestrator.tencent.endpoints import (
+    DEFAULT_ENDPOINT,
+    INTL_ENDPOINT,
+    Endpoint,
+    resolve,
+    validate,
+)
 
 
 def test_default() -> None:
@@ -60,3 +66,67 @@ def test_user_information_refused_without_echo() -> None:
     with pytest.raises(UsageError) as info:
         resolve("https://user:hunter2@example.com")
     assert "hunter2" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    [
+        "http://127.0.0.1:9000",
+        "http://127.8.9.10:1",
+        "http://[::1]:8080",
+        "http://localhost:5000/",
+        "http://LOCALHOST",
+    ],
+)
+def test_plain_http_is_fine_on_loopback(endpoint: str) -> None:
+    """The simulator on a loopback address may be spoken to over plain http."""
+    assert validate(endpoint) == endpoint
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    [
+        "http://10.0.0.1",
+        "http://cvm.tencentcloudapi.com",
+        "http://localhost.example.com:80",
+        "http://[::ffff:10.0.0.1]:80",
+        "http://0.0.0.0:9000",
+    ],
+)
+def test_plain_http_elsewhere_is_refused(endpoint: str) -> None:
+    """Plain http off loopback would carry the SecretId and signature in clear: refused."""
+    with pytest.raises(UsageError, match=r"^endpoint .*loopback.*https://"):
+        resolve(endpoint)
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    [
+        "https://cvm.tencentcloudapi.com:99999",
+        "https://cvm.tencentcloudapi.com:abc",
+        "https://cvm.tencentcloudapi.com:0",
+        "https://cvm.tencentcloudapi.com:+443",
+        "https://cvm.tencentcloudapi.com:",
+        "http://127.0.0.1:65536",
+        "https://[::1]:99999",
+    ],
+)
+def test_ports_outside_1_to_65535_are_refused(endpoint: str) -> None:
+    """A port that is not a plain integer from 1 to 65535 is a usage error naming the port."""
+    with pytest.raises(UsageError, match=r"^endpoint .*port"):
+        validate(endpoint)
+
+
+@pytest.mark.parametrize("port", ["1", "443", "65535"])
+def test_ports_in_range_are_kept(port: str) -> None:
+    """Valid ports pass through into the URL and the signed Host."""
+    got = resolve(f"https://cvm.tencentcloudapi.com:{port}")
+    assert got.host == f"cvm.tencentcloudapi.com:{port}"
+
+
+def test_user_information_refused_before_the_http_check() -> None:
+    """A plain-http endpoint with user:password@ is refused without repeating either."""
+    with pytest.raises(UsageError, match="user information") as info:
+        validate("http://admin:hunter2@10.0.0.1")
+    assert "hunter2" not in str(info.value)
+    assert "admin" not in str(info.value)
