@@ -50,6 +50,9 @@ class Case:
     # Fragments that must appear in no output (beyond the secrets every case checks).
     never: tuple[str, ...] = ()
     code: int = 2
+    # The Tencent credentials file ($HOME/.tencentcloud/credentials); with one, the keys are
+    # not in the environment, so the chain has to read it.
+    credentials_file: bytes | None = None
 
 
 def _p(id: str, text: str | bytes, *expect: str, args: tuple[str, ...] | None = None) -> Case:
@@ -218,6 +221,31 @@ CASES = [
     # ---- command-line arguments
     Case("backup-now-newline", ("backup-now", "no policy named"), args=("backup-now", "hostile\n")),
     Case("backup-now-unknown", ("nosuch",), args=("backup-now", "nosuch")),
+    # ---- credentials files
+    Case(
+        "credentials-latin-1",
+        ("{home}/.tencentcloud/credentials", "not UTF-8"),
+        args=("check",),
+        credentials_file=f"[default]\nsecret_id = caf\xe9\nsecret_key = {SECRET_KEY}\n".encode(
+            "latin-1"
+        ),
+    ),
+    Case(
+        "credentials-binary",
+        ("{home}/.tencentcloud/credentials", "not a valid INI file"),
+        args=("check",),
+        credentials_file=b"\x00\x01binary[[[\n=\n",
+    ),
+    Case(
+        "credentials-pasted-profile",
+        ("credentials[default]", "no ["),
+        args=("check",),
+        config_file=f'[[accounts]]\nprofile = "{SECRET_KEY}"\n',
+        credentials_file=b"[default]\nsecret_id = a\nsecret_key = b\n",
+        never=(SECRET_KEY[4:-4],),
+        # Not malformed, only missing: `check` reports an unhealthy account.
+        code=1,
+    ),
 ]
 
 
@@ -286,6 +314,14 @@ def _run(case: Case, dsn: str, tmp_path: Path) -> subprocess.CompletedProcess[st
     )
     extra = {"CVM_BACKUP_CONFIG": str(files["{config}"])} if case.config_file is not None else {}
     env = _env(dsn, tmp_path / "home", **extra, **case.env)
+    if case.credentials_file is not None:
+        (tmp_path / ".tencentcloud").mkdir()
+        (tmp_path / ".tencentcloud" / "credentials").write_bytes(case.credentials_file)
+        env["HOME"] = str(tmp_path)
+        # No metadata service on loopback answers: the CVM role link fails at once.
+        env["CVM_BACKUP_METADATA_URL"] = "http://127.0.0.1:9/"
+        for name in ("TENCENTCLOUD_SECRET_ID", "TENCENTCLOUD_SECRET_KEY"):
+            env.pop(name)
     for key, value in env.items():
         env[key] = _fill(value, files)
     return _cli(tuple(_fill(arg, files) for arg in case.args), env)
@@ -296,6 +332,7 @@ def _files(tmp_path: Path) -> dict[str, Path]:
         "{policy}": tmp_path / "policies.toml",
         "{config}": tmp_path / "config.toml",
         "{file}": tmp_path / "plain-file",
+        "{home}": tmp_path,
     }
 
 
@@ -317,7 +354,7 @@ def test_hostile_input_exits_2_with_a_clear_message(
     assert "Traceback" not in output, output[:4000]
     files = _files(tmp_path)
     for expected in case.expect:
-        assert _fill(expected, files) in done.stderr, done.stderr[:2000]
+        assert _fill(expected, files) in output, output[:2000]
     for secret in (SECRET_ID, SECRET_KEY, SECRET_KEY[:12], DSN_PASSWORD, *case.never):
         assert secret not in output
     assert len(output) < 20_000, "an error message quoted a huge input whole"

@@ -41,7 +41,7 @@ def run_migrate(args: argparse.Namespace) -> int:
     return asyncio.run(_migrate())
 
 
-async def _check() -> tuple[bool, list[str]]:
+async def _check() -> tuple[int, list[str]]:
     from orchestrator.db import dsn, migrate, pool
 
     settings = config.load()
@@ -49,7 +49,7 @@ async def _check() -> tuple[bool, list[str]]:
     try:
         conn = await pool.connect(settings)
     except pool.DatabaseUnavailable as exc:
-        return False, [f"database: FAIL: {exc}"]
+        return 1, [f"database: FAIL: {exc}"]
     try:
         status = await migrate.schema_status(conn)
         paused_ok, paused_lines = await _check_pauses(conn) if status.current else (True, [])
@@ -60,8 +60,9 @@ async def _check() -> tuple[bool, list[str]]:
         f"schema: {'ok' if status.current else 'FAIL'}: {status.describe()}",
         *paused_lines,
     ]
-    creds_ok, creds_lines = await _check_credentials(settings)
-    return status.current and paused_ok and creds_ok, lines + creds_lines
+    creds_ok, creds_lines, malformed = await _check_credentials(settings)
+    healthy = status.current and paused_ok and creds_ok
+    return (2 if malformed else 0 if healthy else 1), lines + creds_lines
 
 
 async def _check_pauses(conn: Any) -> tuple[bool, list[str]]:
@@ -78,24 +79,30 @@ async def _check_pauses(conn: Any) -> tuple[bool, list[str]]:
     ]
 
 
-async def _check_credentials(settings: config.Settings) -> tuple[bool, list[str]]:
+async def _check_credentials(settings: config.Settings) -> tuple[bool, list[str], bool]:
     """Resolve every account's credentials chain; the source is shown, never the key."""
     from orchestrator.tencent.credentials import CredentialsError, default_chain
 
-    ok, lines = True, []
+    ok, lines, malformed = True, [], False
     for account in settings.accounts:
         try:
             found = await default_chain(account).get()
         except CredentialsError as exc:
-            ok = False
+            ok, malformed = False, malformed or exc.malformed
             lines.append(f"credentials[{account.name}]: FAIL: {exc.message}")
         else:
             lines.append(f"credentials[{account.name}]: ok ({found.source})")
-    return ok, lines
+    if malformed:
+        lines.append("credentials: a credentials file is malformed; fix it (exit 2)")
+    return ok, lines, malformed
 
 
 def run_check(args: argparse.Namespace) -> int:
-    """Report database reachability and schema state; exit 0 when healthy, else 1."""
-    healthy, lines = asyncio.run(_check())
+    """Report database, schema, pauses and credentials: exit 0 when healthy, else 1.
+
+    A credentials file that exists but is not one (not UTF-8, not INI) is the operator's input
+    being wrong, like a bad config file: exit 2.
+    """
+    code, lines = asyncio.run(_check())
     print("\n".join(lines))
-    return 0 if healthy else 1
+    return code

@@ -75,8 +75,11 @@ class Credentials:
 class CredentialsError(TencentError):
     """No usable credentials from a provider; an account-wide stop (an `AuthFailure.*` code)."""
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, malformed: bool = False) -> None:
         super().__init__(NO_CREDENTIALS, message)
+        # A file that exists but cannot be read as credentials: the operator's input is wrong,
+        # which `check` reports as a usage error (exit 2), not as an unhealthy system.
+        self.malformed = malformed
 
 
 class CredentialsProvider(Protocol):
@@ -137,13 +140,11 @@ def _read_profile(paths: Sequence[Path], profile: str) -> Credentials:
     try:
         parser.read(path, encoding="utf-8")
     except configparser.Error as exc:
-        raise CredentialsError(f"{path}: not a valid INI file ({type(exc).__name__})") from None
+        reason = f"not a valid INI file ({type(exc).__name__})"
+        raise CredentialsError(f"{path}: {reason}", malformed=True) from None
     except UnicodeDecodeError as exc:
-        raise CredentialsError(
-            f"{path}: not a valid INI file (not UTF-8 at byte {exc.start})"
-        ) from None
-    except OSError as exc:
-        raise CredentialsError(f"{path}: cannot read credentials file: {exc.strerror}") from None
+        reason = f"not a valid INI file (not UTF-8 at byte {exc.start})"
+        raise CredentialsError(f"{path}: {reason}", malformed=True) from None
     name = shown_profile(profile)
     if not parser.has_section(profile):
         raise CredentialsError(f"{path}: no [{name}] profile")
@@ -273,17 +274,18 @@ class ChainCredentials:
         """Credentials from the chosen provider, choosing one on first use."""
         if self._chosen is not None:
             return await self._chosen.get()
-        reasons = []
+        reasons, malformed = [], False
         for provider in self._providers:
             try:
                 found = await provider.get()
             except CredentialsError as exc:
                 reasons.append(exc.message)
+                malformed = malformed or exc.malformed
                 continue
             self._chosen = provider
             log.debug("credentials.chosen", source=found.source)
             return found
-        raise CredentialsError("no credentials found: " + "; ".join(reasons))
+        raise CredentialsError("no credentials found: " + "; ".join(reasons), malformed=malformed)
 
 
 def default_chain(
