@@ -292,3 +292,36 @@ def test_apply_accepts_nine_instance_tags(
     code, out = _apply(path, capsys)
     assert code == 0
     assert "+ beta: added" in out
+
+
+def test_dry_run_refuses_what_the_database_refuses(
+    cli_env: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A CHECK the validator does not know refuses --dry-run exactly as it refuses apply."""
+    run_sql(
+        cli_env,
+        "ALTER TABLE policies ADD CONSTRAINT site_rule CHECK (region <> 'ap-shanghai')",
+    )
+    path = tmp_path / "p.toml"
+    path.write_text(TWO)
+    for flags in (("--dry-run",), ()):
+        capsys.readouterr()
+        assert cli.main(["policy", "apply", str(path), *flags]) == 2
+        assert "site_rule" in capsys.readouterr().err
+    assert _names(cli_env) == []
+
+
+def test_prune_of_an_empty_file_needs_yes(
+    cli_env: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An empty file with --prune is refused (exit 2) unless --yes confirms it."""
+    path = tmp_path / "p.toml"
+    path.write_text(TWO)
+    assert _apply(path, capsys)[0] == 0
+    path.write_text("policies = []\n")
+    assert _apply(path, capsys, "--prune")[0] == 2
+    assert _names(cli_env) == [("alpha", True), ("beta", True)]
+    code, out = _apply(path, capsys, "--prune", "--yes")
+    assert code == 0
+    assert "- alpha: deleted (not in file, never ran)" in out
+    assert _names(cli_env) == []

@@ -57,6 +57,15 @@ BAD_POLICIES = [
     ("policies_keep_rule", {"keep_last": 0}),
     ("policies_max_age_days_positive", {"max_age_days": 0}),
     ("policies_target", {"instance_ids": [], "instance_tags": {}}),
+    ("policies_completion_window_max", {"completion_window": "3000000 days"}),
+    ("policies_keep_max", {"keep_last": 2147483647}),
+    ("policies_keep_max", {"keep_yearly": 10001}),
+    ("policies_max_age_days_max", {"max_age_days": 1000000}),
+    ("policies_instance_ids_max", {"instance_ids": [f"ins-{n:08d}" for n in range(10001)]}),
+    ("policies_schedule_length", {"schedule": "0 3 * * *" + " " * 200}),
+    ("policies_instance_tags_within", {"instance_tags": {"k" * 128: "x"}}),
+    ("policies_instance_tags_within", {"instance_tags": {"team": "v" * 256}}),
+    ("policies_instance_tags_within", {"instance_tags": {"team": "a\u001bb"}}),
 ]
 
 
