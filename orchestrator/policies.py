@@ -48,6 +48,8 @@ MAX_FILE_BYTES = 16 * 2**20
 # Tencent's tag rules: keys up to 127 characters, values up to 255, no control characters.
 MAX_TAG_KEY = 127
 MAX_TAG_VALUE = 255
+# Cross-region copies: AWS DLM's limit, and each destination is a SyncImages call per backup.
+MAX_COPIES = 3
 ON_QUOTA = ("rotate", "fail")
 # DescribeInstances takes at most 10 filters (reference §3.5) and each tag is one `tag:KEY`
 # filter; one stays free for the query itself. Migration 0004 holds the same limit in SQL.
@@ -76,6 +78,14 @@ class Retention:
 
 
 @dataclass(frozen=True, slots=True)
+class CopyTarget:
+    """A region that gets a copy of every backup, with the copies' own retention."""
+
+    region: str
+    retention: Retention
+
+
+@dataclass(frozen=True, slots=True)
 class Policy:
     """One backup policy; `id` is None until it is stored."""
 
@@ -93,6 +103,7 @@ class Policy:
     completion_window: timedelta = timedelta(hours=6)
     enabled: bool = True
     retention: Retention = field(default_factory=Retention)
+    copies: tuple[CopyTarget, ...] = ()
     id: int | None = None
 
     @property
@@ -312,13 +323,16 @@ class _Errors:
         self.messages.append(f"{self.where}: policy {self.label}: {field_name}: {problem}")
 
 
+_TABLES = ("retention", "copies")
+
+
 def _check_fields(raw: Mapping[str, Any], errors: _Errors) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for key, value in raw.items():
-        if key == "retention":
+        if key in _TABLES:
             continue
         if key not in _FIELDS:
-            errors.add(key, f"unknown key; expected one of {', '.join([*_FIELDS, 'retention'])}")
+            errors.add(key, f"unknown key; expected one of {', '.join([*_FIELDS, *_TABLES])}")
             continue
         try:
             values[key] = _FIELDS[key](value)
@@ -338,22 +352,67 @@ def _check_retention(raw: object, errors: _Errors) -> Retention | None:
             f"keep rule ({', '.join(KEEP_RULES)}), got {_describe(raw)}",
         )
         return None
+    return _rules(raw, "retention", _RETENTION_FIELDS, errors)
+
+
+def _rules(
+    raw: Mapping[str, Any], label: str, allowed: Sequence[str], errors: _Errors
+) -> Retention:
+    """Keep rules and max age from `raw`; every other key in `allowed` is left to the caller."""
     values: dict[str, Any] = {}
+    found = len(errors.messages)
     for key, value in raw.items():
-        if key not in _RETENTION_FIELDS:
-            errors.add(
-                f"retention.{key}", f"unknown key; expected one of {', '.join(_RETENTION_FIELDS)}"
-            )
-            continue
-        try:
-            values[key] = _retention_count(key, value)
-        except FieldError as exc:
-            errors.add(f"retention.{key}", str(exc))
-    if not any(values.get(rule, 0) > 0 for rule in KEEP_RULES) and not any(
-        f"retention.{r}" in m for r in KEEP_RULES for m in errors.messages
-    ):
-        errors.add("retention", f"expected at least one keep rule > 0 ({', '.join(KEEP_RULES)})")
+        if key not in allowed:
+            errors.add(f"{label}.{key}", f"unknown key; expected one of {', '.join(allowed)}")
+        elif key in _RETENTION_FIELDS:
+            try:
+                values[key] = _retention_count(key, value)
+            except FieldError as exc:
+                errors.add(f"{label}.{key}", str(exc))
+    bad_rule = any(f"{label}.{r}:" in m for r in KEEP_RULES for m in errors.messages[found:])
+    if not any(values.get(rule, 0) > 0 for rule in KEEP_RULES) and not bad_rule:
+        errors.add(label, f"expected at least one keep rule > 0 ({', '.join(KEEP_RULES)})")
     return Retention(**values)
+
+
+_COPY_FIELDS = ("region", *_RETENTION_FIELDS)
+
+
+def _check_copies(raw: object, region: object, errors: _Errors) -> tuple[CopyTarget, ...]:
+    """Up to MAX_COPIES destinations: each another region than the policy's, none twice."""
+    expected = f"an array of at most {MAX_COPIES} [[policies.copies]] tables"
+    if not isinstance(raw, list | tuple) or not all(isinstance(t, Mapping) for t in raw):
+        errors.add("copies", f"expected {expected}, got {_describe(raw)}")
+        return ()
+    if len(raw) > MAX_COPIES:
+        errors.add("copies", f"expected {expected}, got {len(raw)}")
+        return ()
+    copies: list[CopyTarget] = []
+    for index, table in enumerate(raw, start=1):
+        target = _copy_target(table, f"copies[{index}]", region, errors)
+        if target is not None and target.region in {c.region for c in copies}:
+            errors.add(f"copies[{index}].region", f"duplicate; {target.region!r} is listed twice")
+        elif target is not None:
+            copies.append(target)
+    return tuple(copies)
+
+
+def _copy_target(
+    table: Mapping[str, Any], label: str, source: object, errors: _Errors
+) -> CopyTarget | None:
+    rules = _rules(table, label, _COPY_FIELDS, errors)
+    if "region" not in table:
+        errors.add(f"{label}.region", "missing; this field is required")
+        return None
+    try:
+        region = check_region(table["region"])
+    except FieldError as exc:
+        errors.add(f"{label}.region", str(exc))
+        return None
+    if region == source:
+        errors.add(f"{label}.region", f"is the policy's own region {region!r}; copy elsewhere")
+        return None
+    return CopyTarget(region, rules)
 
 
 def _retention_count(key: str, value: object) -> int:
@@ -391,10 +450,11 @@ def validate(
     errors = _Errors(where, _label(raw, index))
     values = _check_fields(raw, errors)
     retention = _check_retention(raw.get("retention"), errors)
+    copies = _check_copies(raw.get("copies", []), raw.get("region"), errors)
     _check_targets(values, raw, errors)
     if errors.messages or retention is None:
         return None, errors.messages
-    return Policy(**values, retention=retention, id=policy_id), []
+    return Policy(**values, retention=retention, copies=copies, id=policy_id), []
 
 
 def _duplicates(raws: Sequence[Mapping[str, Any]], where: str) -> list[str]:
@@ -472,18 +532,30 @@ def load_file(path: Path) -> list[Policy]:
     return parse_text(text, str(path))
 
 
+# Fields that are not one flat value each: the id, and the nested tables.
+_NOT_FLAT = {"id", "retention", "copies"}
+
+
 def to_raw(policy: Policy) -> dict[str, Any]:
     """The file-format mapping of a policy (what `validate` reads back)."""
     raw: dict[str, Any] = {
-        f.name: getattr(policy, f.name) for f in fields(policy) if f.name not in {"id", "retention"}
+        f.name: getattr(policy, f.name) for f in fields(policy) if f.name not in _NOT_FLAT
     }
     raw["instance_ids"] = list(policy.instance_ids)
     raw["instance_tags"] = dict(policy.instance_tags)
     raw["completion_window"] = format_duration(policy.completion_window)
-    raw["retention"] = {
-        k: v for k in _RETENTION_FIELDS if (v := getattr(policy.retention, k)) is not None
-    }
+    raw["retention"] = _rules_raw(policy.retention)
+    raw["copies"] = copies_raw(policy.copies)
     return raw
+
+
+def _rules_raw(rules: Retention) -> dict[str, int]:
+    return {k: v for k in _RETENTION_FIELDS if (v := getattr(rules, k)) is not None}
+
+
+def copies_raw(copies: Sequence[CopyTarget]) -> list[dict[str, Any]]:
+    """The file-format (and `policies.copies` column) form of a policy's copies."""
+    return [{"region": c.region, **_rules_raw(c.retention)} for c in copies]
 
 
 # ---------------------------------------------------------------- diffs
@@ -492,9 +564,10 @@ def to_raw(policy: Policy) -> dict[str, Any]:
 def comparable(policy: Policy) -> dict[str, Any]:
     """Flat field -> value (retention.* included, id excluded), for diffs and upserts."""
     flat = {
-        f.name: getattr(policy, f.name) for f in fields(policy) if f.name not in {"id", "retention"}
+        f.name: getattr(policy, f.name) for f in fields(policy) if f.name not in _NOT_FLAT
     }
     flat["instance_tags"] = dict(policy.instance_tags)
+    flat["copies"] = copies_raw(policy.copies)
     for key in _RETENTION_FIELDS:
         flat[f"retention.{key}"] = getattr(policy.retention, key)
     return flat

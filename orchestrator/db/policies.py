@@ -20,6 +20,7 @@ from orchestrator.policies import (
     Policy,
     PolicyDiff,
     PolicyError,
+    copies_raw,
     diff,
     format_duration,
     validate,
@@ -35,7 +36,7 @@ _COLUMNS = (
     "id, name, account, region, schedule, timezone, instance_ids, instance_tags, force_poweroff,"
     " sysprep, include_data_disks, on_quota,"
     " LEAST(completion_window, interval '10000 days') AS completion_window, enabled, keep_last,"
-    " keep_daily, keep_weekly, keep_monthly, keep_yearly, max_age_days"
+    " keep_daily, keep_weekly, keep_monthly, keep_yearly, max_age_days, copies"
 )
 _PLAIN = (
     "name",
@@ -54,8 +55,9 @@ _UPSERT = """
 INSERT INTO policies (name, account, region, schedule, timezone, instance_ids, instance_tags,
                       force_poweroff, sysprep, include_data_disks, on_quota, completion_window,
                       enabled, keep_last, keep_daily, keep_weekly, keep_monthly, keep_yearly,
-                      max_age_days)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)
+                      max_age_days, copies)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19,
+        $20)
 ON CONFLICT (name) DO UPDATE SET
     account = EXCLUDED.account, region = EXCLUDED.region, schedule = EXCLUDED.schedule,
     timezone = EXCLUDED.timezone, instance_ids = EXCLUDED.instance_ids,
@@ -64,7 +66,8 @@ ON CONFLICT (name) DO UPDATE SET
     on_quota = EXCLUDED.on_quota, completion_window = EXCLUDED.completion_window,
     enabled = EXCLUDED.enabled, keep_last = EXCLUDED.keep_last, keep_daily = EXCLUDED.keep_daily,
     keep_weekly = EXCLUDED.keep_weekly, keep_monthly = EXCLUDED.keep_monthly,
-    keep_yearly = EXCLUDED.keep_yearly, max_age_days = EXCLUDED.max_age_days
+    keep_yearly = EXCLUDED.keep_yearly, max_age_days = EXCLUDED.max_age_days,
+    copies = EXCLUDED.copies
 """
 
 # Serialises concurrent `policy apply` runs so each one's diff is what it writes; readers
@@ -81,6 +84,7 @@ def row_to_raw(row: asyncpg.Record) -> dict[str, Any]:
     raw["retention"] = {key: row[key] for key in KEEP_RULES}
     if row["max_age_days"] is not None:
         raw["retention"]["max_age_days"] = row["max_age_days"]
+    raw["copies"] = row["copies"]
     return raw
 
 
@@ -162,6 +166,7 @@ def _params(policy: Policy) -> tuple[Any, ...]:
         r.keep_monthly,
         r.keep_yearly,
         r.max_age_days,
+        copies_raw(policy.copies),
     )
 
 
