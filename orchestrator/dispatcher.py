@@ -610,7 +610,7 @@ class Dispatcher:
         if self.on_paused is not None:
             self.on_paused(scope)
         if paused is not None:
-            _log_paused(paused, exc)
+            pauses.log_paused(log, paused, exc, default_action="CreateImage")
 
     def pause_changed(self, account: str, paused: bool, region: str | None = None) -> None:
         """The prober saw a pause of `account` (of `region`, or account-wide) come or go.
@@ -787,33 +787,6 @@ def _state(job: Job, maybe_created: bool) -> str:
     # A refusal made no image, but an earlier call of a 'creating' job may have: it stays
     # 'creating', so it is looked up by name again and never expires without a look-up.
     return "creating" if maybe_created or job.state == "creating" else "pending"
-
-
-def _log_paused(paused: pauses.Pause, exc: TencentError) -> None:
-    """Say loudly what stopped, where, and how it resumes."""
-    if paused.scope_region is None:
-        fix = "fix the account (balance, credentials, clock)"
-    else:
-        fix = (
-            f"grant cvm:{paused.action or 'CreateImage'} in {paused.scope_region} to these keys"
-            " (a CAM policy can be scoped by region, resource or tag); other regions go on"
-        )
-    log.error(
-        "account.paused",
-        account=paused.account,
-        scope=paused.scope_label,
-        scope_region=paused.scope_region,
-        action=paused.action,
-        policy=paused.policy,
-        code=exc.code,
-        message=paused.message,
-        request_id=exc.request_id,
-        next_probe_at=paused.probe_at.isoformat(),
-        hint=(
-            f"{fix}: it resumes by itself once a probe succeeds,"
-            f" or now with `{paused.resume_command}`"
-        ),
-    )
 
 
 async def _pause(stop: asyncio.Event, seconds: float) -> None:

@@ -288,3 +288,30 @@ async def held_back(conn: Any, run_id: int | None = None) -> int:
     """Live jobs (of one run, or all) that wait because their account or region is paused."""
     value = await conn.fetchval(_HELD_BACK, list(LIVE_STATES), run_id)
     return int(value or 0)
+
+
+def log_paused(log: Any, paused: Pause, exc: TencentError, *, default_action: str) -> None:
+    """Say loudly what stopped, where, and how it resumes (`default_action`: the caller's call)."""
+    if paused.scope_region is None:
+        fix = "fix the account (balance, credentials, clock)"
+    else:
+        fix = (
+            f"grant cvm:{paused.action or default_action} in {paused.scope_region} to these keys"
+            " (a CAM policy can be scoped by region, resource or tag); other regions go on"
+        )
+    log.error(
+        "account.paused",
+        account=paused.account,
+        scope=paused.scope_label,
+        scope_region=paused.scope_region,
+        action=paused.action,
+        policy=paused.policy,
+        code=exc.code,
+        message=paused.message,
+        request_id=exc.request_id,
+        next_probe_at=paused.probe_at.isoformat(),
+        hint=(
+            f"{fix}: it resumes by itself once a probe succeeds,"
+            f" or now with `{paused.resume_command}`"
+        ),
+    )

@@ -549,29 +549,7 @@ async def _pause(ctx: EngineContext, t: Tracked, exc: TencentError) -> None:
         policy=policy,
     )
     if paused is not None:  # None: already paused, and said so by whoever paused it
-        _log_paused(paused, exc)
-
-
-def _log_paused(paused: pauses.Pause, exc: TencentError) -> None:
-    """Say loudly what stopped, where, and how it comes back."""
-    if paused.scope_region is None:
-        fix = "fix the account (balance, credentials, clock)"
-    else:
-        action = paused.action or "DescribeImages"
-        fix = f"allow cvm:{action} in {paused.scope_region} for these keys"
-    log.error(
-        "account.paused",
-        account=paused.account,
-        scope=paused.scope_label,
-        scope_region=paused.scope_region,
-        action=paused.action,
-        policy=paused.policy,
-        code=exc.code,
-        message=paused.message,
-        request_id=exc.request_id,
-        next_probe_at=paused.probe_at.isoformat(),
-        hint=f"{fix}; a successful probe resumes it, or `{paused.resume_command}` now",
-    )
+        pauses.log_paused(log, paused, exc, default_action="DescribeImages")
 
 
 # -- the loop ---------------------------------------------------------------------------------
