@@ -1,4 +1,5 @@
-"""Daemon settings: built-in defaults, then the TOML file in `CVM_BACKUP_CONFIG`, then environment.
+"""Daemon settings: built-in defaults, then the TOML file in `CVM_BACKUP_CONFIG` (which `--config`
+sets; else /etc/cvm-backup/cvm-backup.toml when it exists), then environment.
 
 Environment beats file; file beats defaults (DESIGN §4). Every value is checked once, here, for
 its type (read from the dataclass annotations) and its range, and all problems are reported
@@ -19,9 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_type_hints
 
+from orchestrator import notify
 from orchestrator.db import dsn
 from orchestrator.errors import UsageError
-from orchestrator.policies import ACCOUNT_RE
+from orchestrator.notify import urls as notify_urls
+from orchestrator.policies import ACCOUNT_RE, MAX_WINDOW
 from orchestrator.tencent import endpoints
 
 DEFAULT_ENDPOINT = "https://cvm.tencentcloudapi.com"
@@ -33,9 +36,48 @@ DEFAULT_LIMITS: Mapping[str, int] = {
     "DescribeImages": 40,
     "DescribeInstances": 40,
     "DescribeImageQuota": 10,
+    "SyncImages": 10,
 }
 # The deployment name is a tag value on every image we make: short and from a small alphabet.
 DEPLOYMENT_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,19}")
+
+
+# Read when neither --config nor CVM_BACKUP_CONFIG names a file, if it exists: where the
+# systemd unit's install steps put it, so a shell on the host sees what the service sees.
+SYSTEM_CONFIG = Path("/etc/cvm-backup/cvm-backup.toml")
+# root's default home: the unit's StateDirectory, not a dot-directory under /root.
+ROOT_HOME = Path("/var/lib/cvm-backup")
+_EXPLICIT_CONFIG = "--config or CVM_BACKUP_CONFIG"
+
+
+def default_home(env: Mapping[str, str] | None = None, *, euid: int | None = None) -> Path:
+    """root: /var/lib/cvm-backup; others: $XDG_DATA_HOME/cvm-backup, else ~/.local/share/...
+
+    Except that a home of the old default (~/.local/share/cvm-backup for everyone) holding an
+    embedded database stays the home while the new default holds none: after an upgrade, the
+    daemon must not find "no database", and `migrate` must not make an empty second one.
+    """
+    env = os.environ if env is None else env
+    user_home = env.get("HOME")
+    legacy = (Path(user_home) if user_home else Path.home()) / ".local" / "share" / "cvm-backup"
+    xdg = env.get("XDG_DATA_HOME", "")
+    if (os.geteuid() if euid is None else euid) == 0:
+        preferred = ROOT_HOME
+    elif os.path.isabs(xdg):  # the XDG spec: a relative value is invalid and ignored
+        preferred = Path(xdg) / "cvm-backup"
+    else:
+        return legacy
+    if _has_database(legacy) and not _has_database(preferred):
+        return legacy
+    return preferred
+
+
+def _has_database(home: Path) -> bool:
+    # orchestrator.db.embedded.exists, without importing the server's machinery here.
+    try:
+        return (home / "pgdata" / "PG_VERSION").is_file()
+    except OSError:
+        return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,11 +105,31 @@ class AccountSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class NotifySettings:
+    """One webhook told about failures ([[notify]], orchestrator/notify); seconds."""
+
+    # Not in repr: the URL may hold the receiver's token.
+    url: str = field(default="", repr=False)
+    format: str = "generic"
+    events: tuple[str, ...] = notify.EVENTS
+    name: str | None = None
+    # A group is sent once its run completes, or this long after its last event.
+    group_delay: float = 60.0
+    timeout: float = 10.0
+    give_up_after: float = 86400.0
+
+    @property
+    def key(self) -> str:
+        """The target's name in the outbox and in logs (never the URL)."""
+        return notify_urls.target_key(self.name, self.format, self.url)
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """Everything that is not a policy."""
 
     database_url: str | None = None
-    home: Path = field(default_factory=lambda: Path("~/.local/share/cvm-backup").expanduser())
+    home: Path = field(default_factory=default_home)
     endpoint: str = DEFAULT_ENDPOINT
     limits: Mapping[str, int] = field(default_factory=lambda: dict(DEFAULT_LIMITS))
     # An optional cap on the fraction of a limit the limiter may use. The spacing that keeps every
@@ -85,7 +147,9 @@ class Settings:
     delete_binded_snap: bool = True
     log_format: str = "auto"  # auto | json | console
     log_level: str = "info"
-    metrics_address: str | None = None  # "127.0.0.1:9108" to serve /metrics
+    # /healthz, /readyz and /metrics: None serves them on 127.0.0.1:8739 (health.DEFAULT_ADDRESS),
+    # "off" not at all.
+    metrics_address: str | None = None
     retry: RetrySettings = field(default_factory=RetrySettings)
     accounts: tuple[AccountSettings, ...] = (AccountSettings(),)
     # Tagged on every image as cvm-backup:deployment; only images carrying it are ever adopted.
@@ -94,6 +158,11 @@ class Settings:
     # of image rows with the cloud: seconds between passes.
     retention_interval: float = 600.0
     reconcile_interval: float = 3600.0
+    # Finished jobs, their ledger rows and deleted images' rows older than this many days are
+    # pruned (orchestrator/history.py); rows of images that still exist are kept.
+    history_days: int = 400
+    # Webhooks told about failed runs, paused accounts and the like ([[notify]]).
+    notify: tuple[NotifySettings, ...] = ()
 
 
 # Environment variables that set a field; the first one set (and non-empty) wins.
@@ -234,11 +303,13 @@ def _log_level(value: str) -> str | None:
 
 
 def _address(value: str) -> str | None:
+    if value == "off":
+        return None
     host, sep, port = value.rpartition(":")
     port_ok = port.isascii() and port.isdigit() and len(port) <= 5 and int(port) <= 65535
     if sep and host.strip("[]") and port_ok and not _has_control(host):
         return None
-    return f"must be host:port like 127.0.0.1:9108, not {_describe(value)}"
+    return f'must be host:port like 127.0.0.1:8739 (or "off"), not {_describe(value)}'
 
 
 def _has_control(text: str) -> bool:
@@ -312,6 +383,35 @@ def _deployment(value: str) -> str | None:
     return "must be lowercase letters, digits and '-', at most 20, starting with a letter or digit"
 
 
+NOTIFY_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,39}")
+
+
+def _notify_name(value: str) -> str | None:
+    if NOTIFY_NAME_RE.fullmatch(value):
+        return None
+    return (
+        "must be 1-40 lowercase letters, digits, '_', '.' or '-', starting with a letter or "
+        f"digit, not {_describe(value)}"
+    )
+
+
+def _notify_format(value: str) -> str | None:
+    if value in notify.FORMATS:
+        return None
+    return f"must be one of {', '.join(notify.FORMATS)}, not {_describe(value)}"
+
+
+# Beyond the longest completion window, so a pruned run's slot can never be due again and be
+# backed up twice; migration 0008 refuses to delete younger ledger rows as well.
+MIN_HISTORY_DAYS, MAX_HISTORY_DAYS = MAX_WINDOW.days + 1, 36500
+
+
+def _history_days(value: int) -> str | None:
+    if MIN_HISTORY_DAYS <= value <= MAX_HISTORY_DAYS:
+        return None
+    return f"must be {MIN_HISTORY_DAYS} to {MAX_HISTORY_DAYS} days, not {_shown(value)}"
+
+
 _RULES: Mapping[type, Mapping[str, Check]] = {
     Settings: {
         "database_url": _database_url,
@@ -332,6 +432,7 @@ _RULES: Mapping[type, Mapping[str, Check]] = {
         "deployment": _deployment,
         "retention_interval": _above_zero(DAY),
         "reconcile_interval": _above_zero(7 * DAY),
+        "history_days": _history_days,
     },
     RetrySettings: {
         "transient_base": _above_zero(HOUR),
@@ -347,6 +448,14 @@ _RULES: Mapping[type, Mapping[str, Check]] = {
         "session_token_env": _env_name,
         "profile": _profile,
         "cvm_role": _not_blank,
+    },
+    NotifySettings: {
+        "url": notify_urls.problem,
+        "format": _notify_format,
+        "name": _notify_name,
+        "group_delay": _from_zero(HOUR),
+        "timeout": _above_zero(60),
+        "give_up_after": _above_zero(7 * DAY),
     },
 }
 _HINTS: Mapping[type, Mapping[str, object]] = {cls: get_type_hints(cls) for cls in _RULES}
@@ -453,25 +562,81 @@ def _unique_names(
         seen.setdefault(account.name, index)
 
 
+def _notify(raw: object, source: str, problems: _Problems) -> tuple[NotifySettings, ...] | None:
+    if not isinstance(raw, list) or len(raw) > notify.MAX_TARGETS:
+        got = f"{len(raw)} of them" if isinstance(raw, list) else _describe(raw)
+        problems.add(
+            source, "notify", f"expected at most {notify.MAX_TARGETS} [[notify]] tables, got {got}"
+        )
+        return None
+    targets: dict[int, NotifySettings] = {}
+    for index, table in enumerate(raw, start=1):
+        label = f"notify[{index}]"
+        if not isinstance(table, dict):
+            problems.add(source, label, f"expected a [[notify]] table, got {_describe(table)}")
+            continue
+        if "url" not in table:
+            problems.add(source, f"{label}.url", "missing: each [[notify]] needs a webhook URL")
+        scalars = {key: value for key, value in table.items() if key != "events"}
+        values = _table(NotifySettings, scalars, source, f"{label}.", problems)
+        if "events" in table:
+            values["events"] = _notify_events(table["events"], source, f"{label}.events", problems)
+        targets[index] = NotifySettings(**values)
+    _unique_targets(targets, source, problems)
+    return tuple(targets.values())
+
+
+def _notify_events(raw: object, source: str, label: str, problems: _Problems) -> tuple[str, ...]:
+    most = len(notify.EVENTS)
+    names = raw if isinstance(raw, list) and 0 < len(raw) <= most else None
+    if names is None or not all(isinstance(name, str) for name in names):
+        reason = f'expected a non-empty array of at most {most} event names like ["job.failed"]'
+        problems.add(source, label, reason)
+        return notify.EVENTS
+    for name in names:
+        if name not in notify.EVENTS:
+            known = ", ".join(notify.EVENTS)
+            reason = f"unknown event {_describe(name)}; expected some of {known}"
+            problems.add(source, label, reason)
+    return tuple(dict.fromkeys(name for name in names if name in notify.EVENTS))
+
+
+def _unique_targets(
+    targets: Mapping[int, NotifySettings], source: str, problems: _Problems
+) -> None:
+    seen: dict[str, int] = {}
+    for index, target in targets.items():
+        if {f"notify[{index}].{key}" for key in ("url", "name", "format")} & problems.fields:
+            continue  # already reported
+        if target.key in seen:
+            # Not echoed: without a name the key is derived from the URL.
+            problems.add(
+                source,
+                f"notify[{index}]",
+                f"duplicate of notify[{seen[target.key]}]: the same name, or the same URL and "
+                "format; give each [[notify]] its own name",
+            )
+        seen.setdefault(target.key, index)
+
+
 _SECTIONS: Mapping[str, Callable[[object, str, _Problems], Any]] = {
     "limits": _limits,
     "retry": _retry,
     "accounts": _accounts,
+    "notify": _notify,
 }
 
 
 # ---------------------------------------------------------------- sources
 
 
-def _read(path: Path) -> dict[str, Any]:
+def _read(path: Path, named_by: str) -> dict[str, Any]:
     try:
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise UsageError(f"{path}: config file not found (CVM_BACKUP_CONFIG)") from None
+        raise UsageError(f"{path}: config file not found ({named_by})") from None
     except OSError as exc:
-        raise UsageError(
-            f"{path}: cannot read config file (CVM_BACKUP_CONFIG): {exc.strerror}"
-        ) from None
+        raise UsageError(f"{path}: cannot read config file ({named_by}): {exc.strerror}") from None
     except UnicodeDecodeError:
         raise UsageError(f"{path}: not valid TOML: the file is not UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
@@ -483,8 +648,8 @@ def _read(path: Path) -> dict[str, Any]:
         raise UsageError(f"{path}: not valid TOML: a number is too long") from None
 
 
-def _from_file(path: Path, problems: _Problems) -> dict[str, Any]:
-    data, source = _read(path), str(path)
+def _from_file(path: Path, named_by: str, problems: _Problems) -> dict[str, Any]:
+    data, source = _read(path, named_by), str(path)
     plain = {key: raw for key, raw in data.items() if key not in _SECTIONS}
     values = _table(Settings, plain, source, "", problems)
     for key, read in _SECTIONS.items():
@@ -524,18 +689,33 @@ def _check_order(settings: Settings, source: str, problems: _Problems) -> None:
             problems.add(source, low, f"must not exceed {bound} ({smaller} > {larger / share:g})")
 
 
+def config_file(env: Mapping[str, str]) -> tuple[Path, str] | None:
+    """The config file to read and what named it: CVM_BACKUP_CONFIG (which --config sets),
+    else SYSTEM_CONFIG when it exists; None: defaults and environment only."""
+    explicit = env.get("CVM_BACKUP_CONFIG")
+    if explicit:
+        return Path(explicit), _EXPLICIT_CONFIG
+    try:
+        SYSTEM_CONFIG.stat()
+    except FileNotFoundError:
+        return None
+    except OSError:
+        pass  # there but not examinable (a 0700 /etc/cvm-backup): reading it says why
+    return SYSTEM_CONFIG, "the default config file; --config or CVM_BACKUP_CONFIG names another"
+
+
 def load(env: Mapping[str, str] | None = None) -> Settings:
     """Settings from defaults, the config file and the environment, validated."""
     env = os.environ if env is None else env
     problems = _Problems()
-    values: dict[str, Any] = {}
-    path = env.get("CVM_BACKUP_CONFIG")
-    if path:
-        values.update(_from_file(Path(path), problems))
+    values: dict[str, Any] = {"home": default_home(env)}
+    found = config_file(env)
+    if found is not None:
+        values.update(_from_file(*found, problems))
     values.update(_from_env(env, problems))
     settings = Settings(**values)
     # Only the file sets the ordered pairs, so with no file the defaults hold and pass.
-    _check_order(settings, path or "config", problems)
+    _check_order(settings, str(found[0]) if found else "config", problems)
     if problems.messages:
         raise UsageError(*problems.messages)
     return settings

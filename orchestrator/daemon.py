@@ -31,6 +31,7 @@ from orchestrator.context import EngineContext
 from orchestrator.db.resilience import DbWatch
 from orchestrator.dispatcher import DB_BLIPS, Dispatcher
 from orchestrator.limiter import Limiters
+from orchestrator.notify.task import Notifier
 from orchestrator.pauses import ProbeTimings
 from orchestrator.prober import Prober
 from orchestrator.scheduler import Scheduler
@@ -159,6 +160,9 @@ class Engine:
         # the dispatcher when it is lifted, however soon after.
         self.dispatcher.on_paused = self.prober.noted
         self.scheduler = Scheduler(ctx, on_created=self.dispatcher.wake, driven=self._driven)
+        # Webhooks ([[notify]]): fed by triggers from the jobs and events tables, so nothing
+        # above ever waits for a receiver.
+        self.notifier = Notifier(ctx, once=once, run_id=run_id)
         self._beat_stop = asyncio.Event()
         self._failed: list[str] = []
 
@@ -219,7 +223,7 @@ class Engine:
             self.scheduler.leases_changed()
 
     def _loops(self, stop: asyncio.Event) -> list[asyncio.Task[None]]:
-        from orchestrator import tracker
+        from orchestrator import history, tracker
 
         held = self.leases.held if self.leases is not None else None
         made: list[tuple[str, Callable[[asyncio.Event], Awaitable[None]]]] = [
@@ -227,12 +231,18 @@ class Engine:
             ("tracker", lambda s: tracker.run(self.ctx, s, held)),
             ("sweeper", self._sweep),
             ("prober", self.prober.run),
+            ("notify", self.notifier.run),
         ]
         if not self.once:
             made.append(("scheduler", self.scheduler.run))
             made.append(("retention", lambda s: sweep.run(self.ctx, s, self._driven)))
             made.append(("reconcile", lambda s: reconcile.run(self.ctx, s, self._driven)))
-        if self.ctx.settings.metrics_address:
+            # Old finished rows go in small batches, only while this replica holds a lease.
+            made.append(("history", lambda s: history.run(self.ctx, s, self._driven)))
+        from orchestrator import health
+
+        # Served by default (a --once drain only when asked): metrics_address = "off" opts out.
+        if health.wanted(self.ctx.settings, once=self.once):
             made.append(("health", self._health))
         return [
             asyncio.create_task(self._supervised(name, fn, stop), name=name) for name, fn in made
@@ -244,7 +254,8 @@ class Engine:
         def ready() -> bool:
             return not self._failed and not self.signals.stop.is_set()
 
-        await health.run(self.ctx, self.ctx.settings, ready, stop)
+        # Database numbers only for the accounts this replica drives: replicas do not repeat them.
+        await health.run(self.ctx, self.ctx.settings, ready, stop, held=self._driven)
 
     async def _supervised(
         self, name: str, fn: Callable[[asyncio.Event], Awaitable[None]], until: asyncio.Event
@@ -256,11 +267,13 @@ class Engine:
         except Exception as exc:
             self._failed.append(name)
             log.exception("daemon.task_failed", task=name, error=repr(exc))
+            await self.notifier.task_failed(name, repr(exc))
             self.signals.stop.set()
             return
         if not until.is_set():
             self._failed.append(name)
             log.error("daemon.task_failed", task=name, error="returned while the daemon ran")
+            await self.notifier.task_failed(name, "returned while the daemon ran")
             self.signals.stop.set()
 
     def _stop_reason(self) -> str:

@@ -63,6 +63,13 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+def _untagged_copy(job: Job, image: Image) -> bool:
+    """Whether `image` can be the copy `job` made: whether SyncImages carries tags over is not
+    documented, so a copy is known by its exact name in the destination and by carrying no
+    tags at all; one with someone else's tags is never taken for ours."""
+    return job.kind == "copy" and not image.tags
+
+
 def _error(exc: TencentError) -> tuple[str, str, str | None]:
     return exc.code, exc.message, exc.request_id
 
@@ -307,7 +314,7 @@ class Dispatcher:
                 job.policy_name,
                 instance_id=job.instance_id,
                 slot=job.slot,
-            ):
+            ) or _untagged_copy(job, image):
                 return image
         if images:
             raise NameTaken(images[0])
@@ -327,6 +334,10 @@ class Dispatcher:
     async def _create(self, job: Job) -> None:
         if job.gated and await self._quota_gated(job):
             return
+        await (self._copy(job) if job.kind == "copy" else self._backup(job))
+
+    async def _backup(self, job: Job) -> None:
+        """CreateImage of the job's instance, named and tagged as ours."""
         guard = functools.partial(self._may_send, job)
         client = self.ctx.client(job.account)
         try:
@@ -361,6 +372,36 @@ class Dispatcher:
             await self._on_error(job, exc, maybe_created=transient, action="CreateImage")
             return
         await self._on_created(job, result)
+
+    async def _copy(self, job: Job) -> None:
+        """SyncImages of the job's backup to its region, the copy named like its source.
+
+        SyncImages has no client token either: the name, recorded before the call, is how a
+        lost answer or a crash is resolved (`_resolve_earlier` looks it up in the destination).
+        """
+        assert job.source_image_id is not None
+        assert job.source_region is not None
+        if not await self._mark_creating(job):
+            return
+        log.info("job.dispatched", image_name=job.image_name, source=job.source_image_id)
+        try:
+            result = await self.ctx.client(job.account).sync_images(
+                job.source_region,
+                job.source_image_id,
+                [job.region],
+                image_name=job.image_name,
+                guard=functools.partial(self._may_send, job),
+            )
+        except CallWithheld:
+            await self._withheld(job)
+            return
+        except TencentError as exc:
+            transient = exc.error_class is ErrorClass.TRANSIENT
+            await self._on_error(job, exc, maybe_created=transient, action="SyncImages")
+            return
+        await self._on_created(
+            job, CreateImageResult(result.image_id(job.region), result.request_id)
+        )
 
     async def _data_disks(self, job: Job) -> tuple[str, ...] | None:
         """DataDiskIds for a whole-machine image; None when the instance no longer exists."""

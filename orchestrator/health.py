@@ -5,13 +5,26 @@
   the daemon says its loops run; otherwise 503 with a JSON reason (take me out of rotation).
 - `/metrics` re-reads the database numbers, then renders every metric (see `metrics.py`).
 
-Bound to 127.0.0.1 unless `metrics_address` says otherwise: the endpoint has no
-authentication, and job and policy names are nobody else's business.
+Served by default, on `DEFAULT_ADDRESS` (loopback), unless `metrics_address` names another
+address or is "off": the endpoint has no authentication, and job and policy names are nobody
+else's business. A `run --once` drain serves only an address set explicitly, so a cron job does
+not contend with the daemon for the default port.
+
+A port already taken (another replica on the same host, say) is logged as `health.port_in_use`
+and tried again every `BIND_RETRY` seconds; it never stops the daemon. The replica that holds
+the port serves its own numbers, so replicas sharing a host want a `metrics_address` each.
+
+Why 8739: Prometheus' default port allocations (its wiki) fill 9100-9999 (9108, the previous
+default here, is graphite_exporter's metrics port) and go on past 10000, and Prometheus' guide
+to writing exporters recommends ports outside that range for internal applications. 8739 is
+also below Linux's ephemeral range (32768-60999), so no outgoing connection holds it by chance.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -25,9 +38,12 @@ from orchestrator.config import Settings
 from orchestrator.context import EngineContext
 from orchestrator.db import migrate
 from orchestrator.errors import UsageError
-from orchestrator.metrics import CONTENT_TYPE, DATABASE_ERRORS, Metrics
+from orchestrator.metrics import CONTENT_TYPE, DATABASE_ERRORS, Held, Metrics
 
-DEFAULT_ADDRESS = "127.0.0.1:9108"
+DEFAULT_ADDRESS = "127.0.0.1:8739"
+OFF = "off"
+# How often a taken port is tried again: a replica that left frees it for the next one.
+BIND_RETRY = 30.0
 # A readiness probe must answer within the prober's timeout (usually a few seconds) even when
 # Postgres hangs: past this the database counts as unreachable.
 READY_TIMEOUT = 3.0
@@ -41,6 +57,22 @@ log = logs.get("health")
 
 def _always() -> bool:
     return True
+
+
+class PortInUse(OSError):
+    """The address is already bound by another process."""
+
+
+def wanted(settings: Settings, *, once: bool) -> bool:
+    """Whether to serve: always unless "off"; a --once drain only at an address set explicitly."""
+    if settings.metrics_address == OFF:
+        return False
+    return settings.metrics_address is not None or not once
+
+
+def address_of(settings: Settings) -> str:
+    """The address to listen on: `metrics_address`, else the default."""
+    return settings.metrics_address or DEFAULT_ADDRESS
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -137,7 +169,9 @@ async def _listen(runner: web.AppRunner, host: str, port: int) -> None:
     try:
         await web.TCPSite(runner, host, port).start()
     except OSError as exc:
-        # Port taken or address not local: a config problem to name, not a crash to debug.
+        if exc.errno == errno.EADDRINUSE:
+            raise PortInUse(exc.errno, f"{host}:{port} is already in use") from None
+        # Address not local, port not ours to bind: a config problem to name, not a crash.
         raise UsageError(f"config: metrics_address {host}:{port}: cannot listen: {exc}") from None
 
 
@@ -149,38 +183,57 @@ async def serve_health(
     *,
     metrics: Metrics | None = None,
     quota_interval: float = QUOTA_INTERVAL,
+    held: Held | None = None,
 ) -> AsyncIterator[str]:
     """Serve the endpoint for the block; yields its base URL (`http://127.0.0.1:PORT`).
 
     Given an EngineContext, its clients' API calls and limiters are counted and the image quota
     is read every `quota_interval` seconds; given a bare pool, only database metrics are served.
+    `held` limits the database numbers to the accounts this process drives. Raises PortInUse
+    when the address is taken.
     """
     metrics = metrics or Metrics()
     ctx = source if isinstance(source, EngineContext) else None
+    async with (
+        _watched(ctx, metrics, quota_interval, held),
+        _listening(source, settings, readiness, metrics) as url,
+    ):
+        log.info("health.serving", url=url)
+        yield url
+
+
+@asynccontextmanager
+async def _listening(
+    source: EngineContext | asyncpg.Pool,
+    settings: Settings,
+    readiness: Readiness,
+    metrics: Metrics,
+) -> AsyncIterator[str]:
     pool = source.pool if isinstance(source, EngineContext) else source
-    host, port = parse_address(settings.metrics_address or DEFAULT_ADDRESS)
+    host, port = parse_address(address_of(settings))
     runner = web.AppRunner(
         build_app(pool, metrics, readiness), access_log=None, handle_signals=False
     )
     await runner.setup()
     try:
         await _listen(runner, host, port)
-        url = _url(host, runner.addresses[0][1])
-        async with _watched(ctx, metrics, quota_interval):
-            log.info("health.serving", url=url)
-            yield url
+        # Finished jobs count from here, not from the first scrape.
+        await metrics.start(pool)
+        yield _url(host, runner.addresses[0][1])
     finally:
         await runner.cleanup()
 
 
 @asynccontextmanager
 async def _watched(
-    ctx: EngineContext | None, metrics: Metrics, quota_interval: float
+    ctx: EngineContext | None, metrics: Metrics, quota_interval: float, held: Held | None
 ) -> AsyncIterator[None]:
     """Count the context's API calls and read its quota while the block runs."""
+    metrics.held = held
     if ctx is None:
         yield
         return
+    metrics.accounts = tuple(sorted(ctx.clients))
     for client in ctx.clients.values():
         metrics.watch_client(client)
     quota = asyncio.create_task(_refresh_quota(ctx, metrics, quota_interval), name="quota")
@@ -200,7 +253,37 @@ async def run(
     stop: asyncio.Event,
     *,
     metrics: Metrics | None = None,
+    held: Held | None = None,
+    retry: float = BIND_RETRY,
 ) -> None:
-    """Serve until `stop` is set: the form the daemon supervises like its other loops."""
-    async with serve_health(source, settings, readiness, metrics=metrics):
-        await stop.wait()
+    """Serve until `stop` is set: the form the daemon supervises like its other loops.
+
+    A taken port is logged once and tried again every `retry` seconds, never fatal.
+    """
+    metrics = metrics or Metrics()
+    ctx = source if isinstance(source, EngineContext) else None
+    # API calls count from the start, whether or not the port is free yet.
+    async with _watched(ctx, metrics, QUOTA_INTERVAL, held):
+        logged = False
+        while not stop.is_set():
+            try:
+                async with _listening(source, settings, readiness, metrics) as url:
+                    log.info("health.serving", url=url)
+                    await stop.wait()
+                    return
+            except PortInUse:
+                if not logged:
+                    _log_port_in_use(address_of(settings), retry)
+                    logged = True
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=retry)
+
+
+def _log_port_in_use(address: str, retry: float) -> None:
+    log.warning(
+        "health.port_in_use",
+        address=address,
+        retry_in=retry,
+        hint="another process (a replica on this host?) serves it: give each replica its own"
+        ' metrics_address, or "off"; this daemon runs on and takes the port when it frees',
+    )

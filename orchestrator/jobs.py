@@ -55,6 +55,7 @@ FROM due, policies AS p
 WHERE j.id = due.id AND p.id = j.policy_id
 RETURNING j.id, j.run_id, j.policy_id, j.account, j.region, j.instance_id, j.slot,
           j.image_name, j.state, j.attempts, j.deadline, j.image_id, j.last_error_code,
+          j.kind, j.source_image_id, j.source_region,
           p.name AS policy_name, p.enabled, p.force_poweroff, p.sysprep,
           p.include_data_disks, p.on_quota,
           -- Whether the region's quota gate is closed (orchestrator.quota_gate): only then
@@ -88,6 +89,11 @@ class Job:
     include_data_disks: bool
     on_quota: str
     gated: bool = False  # the region's quota gate was closed when the job was claimed
+    # 'backup' (CreateImage in `region`) or 'copy' (SyncImages of `source_image_id`, which
+    # lives in `source_region`, to `region`).
+    kind: str = "backup"
+    source_image_id: str | None = None
+    source_region: str | None = None
 
 
 async def notify_due(conn: Any) -> None:
@@ -231,11 +237,13 @@ WITH r AS (
     FROM r
     WHERE jobs.id = r.job_id AND jobs.lease_owner = $1
     RETURNING jobs.id, jobs.run_id, jobs.policy_id, jobs.account, jobs.region, jobs.instance_id,
-              jobs.slot, jobs.image_name, r.image_id, r.image_state, r.details
+              jobs.slot, jobs.image_name, jobs.source_image_id, r.image_id, r.image_state,
+              r.details
 ), i AS (
     INSERT INTO images (image_id, name, account, region, instance_id, policy_id, slot, job_id,
-                        state)
-    SELECT image_id, image_name, account, region, instance_id, policy_id, slot, id, image_state
+                        state, source_image_id)
+    SELECT image_id, image_name, account, region, instance_id, policy_id, slot, id, image_state,
+           source_image_id
     FROM j
     ON CONFLICT (image_id) DO NOTHING
 ), e AS (
@@ -364,3 +372,31 @@ async def complete_runs(pool: asyncpg.Pool) -> list[asyncpg.Record]:
         """,
         list(LIVE_STATES),
     )
+
+
+# A backup that succeeded makes its copies due: a job per destination of its policy, in the
+# transaction that records the success, so its run stays open until the copies end too. The
+# window of a copy starts now: it could not start before its source was NORMAL.
+_SCHEDULE_COPIES = """
+INSERT INTO jobs (run_id, policy_id, account, region, instance_id, slot, image_name, deadline,
+                  kind, source_image_id, source_region)
+SELECT j.run_id, j.policy_id, j.account, d.region, j.instance_id, j.slot, j.image_name,
+       now() + p.completion_window, 'copy', j.image_id, j.region
+FROM jobs j
+JOIN policies p ON p.id = j.policy_id
+CROSS JOIN LATERAL jsonb_to_recordset(p.copies) AS d(region text)
+WHERE j.id = ANY($1::bigint[]) AND j.kind = 'backup' AND j.image_id IS NOT NULL
+  AND d.region IS NOT NULL AND d.region <> j.region
+ON CONFLICT DO NOTHING
+RETURNING id, region, source_image_id
+"""
+
+
+async def schedule_copies(conn: Any, backup_ids: Sequence[int]) -> list[asyncpg.Record]:
+    """The copy jobs of backups that just succeeded (none for a policy without copies)."""
+    if not backup_ids:
+        return []
+    rows: list[asyncpg.Record] = await conn.fetch(_SCHEDULE_COPIES, list(backup_ids))
+    if rows:
+        await notify_due(conn)
+    return rows

@@ -27,7 +27,7 @@ from orchestrator import naming, retention, scheduler
 from orchestrator.context import EngineContext
 from orchestrator.db import policies as policy_rows
 from orchestrator.errors import UsageError
-from orchestrator.policies import Policy
+from orchestrator.policies import CopyTarget, Policy, copies_raw
 from orchestrator.retention import Candidate, Rules
 from orchestrator.tencent.client import DRY_RUN_OK
 from orchestrator.tencent.errors import TencentError
@@ -91,6 +91,8 @@ class Plan:
     images: tuple[ImageVerdict, ...]
     untargeted_images: int  # ours, of instances this run does not back up: left alone
     no_targets: str | None = None  # why a run would back up nothing (not an error)
+    # Where each backup is copied once NORMAL (the policy's [[policies.copies]]).
+    copies: tuple[CopyTarget, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -115,6 +117,14 @@ class Plan:
             "retention": [_image_json(i) for i in self.images],
             "untargeted_images": self.untargeted_images,
             "no_targets": self.no_targets,
+            "copies": [self._copy_json(c) for c in self.copies],
+        }
+
+    def _copy_json(self, copy: CopyTarget) -> dict[str, Any]:
+        return {
+            "region": copy.region,
+            "instances": sum(t.exists for t in self.targets),
+            "retention": _copy_rules(copy),
         }
 
 
@@ -280,6 +290,7 @@ async def make_plan(ctx: EngineContext, name: str, now: datetime | None = None) 
         images=tuple(verdicts),
         untargeted_images=untargeted,
         no_targets=targets.no_targets,
+        copies=policy.copies,
     )
 
 
@@ -342,6 +353,23 @@ def _retention_section(plan: Plan) -> list[str]:
     return lines + ["  " + line for line in _columns(rows)]
 
 
+def _copy_rules(copy: CopyTarget) -> dict[str, int]:
+    (raw,) = copies_raw([copy])
+    return {k: v for k, v in raw.items() if k != "region"}
+
+
+def _copies_section(plan: Plan) -> list[str]:
+    """One line per destination: how many copies a run makes there, kept by which rules."""
+    if not plan.copies:
+        return []
+    count = sum(t.exists for t in plan.targets)
+    lines = ["Copies (made once each backup is NORMAL):"]
+    for copy in plan.copies:
+        rules = ", ".join(f"{k} {v}" for k, v in _copy_rules(copy).items() if v)
+        lines.append(f"  {count} to {copy.region}, kept there by {rules}")
+    return [*lines, ""]
+
+
 def render(plan: Plan) -> str:
     """The plan as a readable report."""
     state = "enabled" if plan.enabled else "DISABLED"
@@ -350,5 +378,6 @@ def render(plan: Plan) -> str:
         f" a run now: slot {plan.slot.isoformat()}"
     )
     verdict = "All DryRuns ok." if plan.ok else "Some DryRuns FAILED: a run would not succeed."
-    body = [head, "", *_targets_section(plan), "", *_retention_section(plan), "", verdict]
+    body = [head, "", *_targets_section(plan), "", *_copies_section(plan)]
+    body += [*_retention_section(plan), "", verdict]
     return "\n".join(body)

@@ -563,9 +563,7 @@ def copies_raw(copies: Sequence[CopyTarget]) -> list[dict[str, Any]]:
 
 def comparable(policy: Policy) -> dict[str, Any]:
     """Flat field -> value (retention.* included, id excluded), for diffs and upserts."""
-    flat = {
-        f.name: getattr(policy, f.name) for f in fields(policy) if f.name not in _NOT_FLAT
-    }
+    flat = {f.name: getattr(policy, f.name) for f in fields(policy) if f.name not in _NOT_FLAT}
     flat["instance_tags"] = dict(policy.instance_tags)
     flat["copies"] = copies_raw(policy.copies)
     for key in _RETENTION_FIELDS:

@@ -53,11 +53,27 @@ GONE = "gone"
 REFRESHED = "refreshed"
 LEFT_ALONE = "left alone"
 
-# Every (account, region) with a policy or a live image row: where our images can be.
+# Every (account, region) with a policy, a copy destination or a live image row: where our
+# images can be. Policies' own regions first: a copy is adopted only beside its adopted source.
 _TARGETS = """
-SELECT account, region FROM policies
-UNION SELECT account, region FROM images WHERE deleted_at IS NULL
-ORDER BY account, region
+SELECT account, region, min(rank) AS rank FROM (
+    SELECT account, region, 0 AS rank FROM policies
+    UNION ALL SELECT p.account, d.region, 1 FROM policies p,
+        jsonb_to_recordset(p.copies) AS d(region text) WHERE d.region IS NOT NULL
+    UNION ALL SELECT account, region, 1 FROM images WHERE deleted_at IS NULL
+) t GROUP BY account, region
+ORDER BY rank, account, region
+"""
+
+# Backups of ours (by exact name) whose policy copies to the region: what an untagged image of
+# that name there is a copy of. SyncImages keeps the source's name and, as far as anything
+# documents, none of its tags: the name of a backup whose tags proved it ours is the proof.
+_COPY_SOURCES = """
+SELECT i.name, i.image_id, i.policy_id, i.instance_id, i.slot, p.name AS policy
+FROM images i JOIN policies p ON p.id = i.policy_id
+WHERE i.account = $1 AND i.source_image_id IS NULL AND i.name = ANY($3::text[])
+  AND i.region <> $2
+  AND p.copies @> jsonb_build_array(jsonb_build_object('region', $2::text))
 """
 
 # The region's live rows, with whether each is old enough for "not listed" to mean "gone".
@@ -81,9 +97,9 @@ SELECT image_name FROM jobs WHERE account = $1 AND region = $2 AND state = ANY($
 
 _ADOPT = """
 INSERT INTO images (image_id, name, account, region, instance_id, policy_id, slot, job_id,
-                    state, size_gb, created_at, ready_at)
+                    state, size_gb, created_at, ready_at, source_image_id)
 VALUES ($1, $2, $3, $4, $5, $6, $7, NULL, $8::text, $9, $10::timestamptz,
-        CASE WHEN $8::text = 'NORMAL' THEN $10::timestamptz END)
+        CASE WHEN $8::text = 'NORMAL' THEN $10::timestamptz END, $11)
 ON CONFLICT (image_id) DO NOTHING
 RETURNING image_id
 """
@@ -169,6 +185,8 @@ class Picture:
     policies: Mapping[str, int]
     making: frozenset[str]
     deployment: str
+    # Backups of ours by name whose policy copies here (see _COPY_SOURCES).
+    sources: Mapping[str, Any] = field(default_factory=dict)
 
 
 # -- the pass ---------------------------------------------------------------------------------
@@ -261,7 +279,9 @@ async def _picture(
     policies = {r["name"]: r["id"] for r in await conn.fetch(_POLICIES)}
     making = await conn.fetch(_MAKING, account, region, list(LIVE_STATES))
     names = frozenset(r["image_name"] for r in making)
-    return Picture(account, region, listed, rows, known, policies, names, deployment)
+    untagged = [i.name for i in listed.values() if not i.tags and i.image_id not in known]
+    sources = {r["name"]: r for r in await conn.fetch(_COPY_SOURCES, account, region, untagged)}
+    return Picture(account, region, listed, rows, known, policies, names, deployment, sources)
 
 
 # -- what to do -------------------------------------------------------------------------------
@@ -290,6 +310,23 @@ def _looks_like_ours(image: Image) -> bool:
 
 def why_not_adopted(p: Picture, image: Image) -> str | None:
     """Why an unknown listed image is not adopted; None when it is provably ours to adopt."""
+    unproven = None if _copy_source(p, image) is not None else _why_not_tagged(p, image)
+    if unproven is not None:
+        return unproven
+    if image.state == DELETING:
+        return "being deleted"
+    if image.name in p.making:
+        return "a job is still making it"
+    return None
+
+
+def _copy_source(p: Picture, image: Image) -> Any | None:
+    """Our backup `image` is a copy of: untagged, with that backup's exact name."""
+    return p.sources.get(image.name) if not image.tags else None
+
+
+def _why_not_tagged(p: Picture, image: Image) -> str | None:
+    """Why the tags, name and description do not prove a backup ours; None when they do."""
     policy = naming.policy_of(image.tags)
     made = naming.origin(image.name, image.description)
     if not naming.is_ours(image.tags, p.deployment):
@@ -299,10 +336,6 @@ def why_not_adopted(p: Picture, image: Image) -> str | None:
         return f"unknown policy {policy!r}"
     if made is None or made.policy != policy:
         return "name and description do not give this policy's instance and slot"
-    if image.state == DELETING:
-        return "being deleted"
-    if image.name in p.making:
-        return "a job is still making it"
     return None
 
 
@@ -316,6 +349,9 @@ def _adoptions(p: Picture) -> list[Change]:
 
 
 def _adoption(p: Picture, image: Image) -> Change:
+    source = _copy_source(p, image)
+    if source is not None:
+        return _copy_adoption(p, image, source)
     made = naming.origin(image.name, image.description)
     assert made is not None  # checked by why_not_adopted
     live = LiveImage(
@@ -334,6 +370,26 @@ def _adoption(p: Picture, image: Image) -> Change:
     about = {"policy": made.policy, "instance_id": made.instance_id}
     finding = _finding(p, ADOPTED, image, reason, **about)
     return Change(finding, live, listed=image, slot=made.slot)
+
+
+def _copy_adoption(p: Picture, image: Image, source: Any) -> Change:
+    live = LiveImage(
+        image_id=image.image_id,
+        account=p.account,
+        region=p.region,
+        policy_id=source["policy_id"],
+        instance_id=source["instance_id"],
+        job_id=None,
+        state=image.state,
+        created_at=image.created_time or source["slot"],
+        delete_requested_at=None,
+        delete_reason=None,
+        source_image_id=source["image_id"],
+    )
+    reason = f"a copy of our backup {source['image_id']} (its exact name); not in the database"
+    about = {"policy": source["policy"], "instance_id": source["instance_id"]}
+    finding = _finding(p, ADOPTED, image, reason, **about)
+    return Change(finding, live, listed=image, slot=source["slot"])
 
 
 def _left_alone(p: Picture) -> list[Finding]:
@@ -438,6 +494,7 @@ async def _write_adoption(conn: Conn, change: Change) -> bool:
         image.state,
         listed.size_gib,
         image.created_at,
+        image.source_image_id,
     )
     if row is None:
         return False

@@ -55,6 +55,8 @@ class Candidate:
     created: datetime
     state: str
     ours: bool = True
+    # Why it must stay whatever the rules say (a copy of it is still being made), or None.
+    pinned: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,13 +158,22 @@ def _expired(rules: Rules, now: datetime, normal: Sequence[Candidate]) -> set[st
     return {c.image_id for c in normal if c.created < cutoff}
 
 
-def _decision(c: Candidate, kept_for: list[str], expired: set[str], rules: Rules) -> Decision:
+def _held(c: Candidate) -> str | None:
+    """Why `c` is kept before any rule is asked, or None when the rules decide."""
     if not c.ours:
-        return Decision(c.image_id, True, ("not ours: never a candidate",))
+        return "not ours: never a candidate"
+    if c.pinned is not None:
+        return c.pinned
     if c.state == CREATEFAILED:
-        return Decision(c.image_id, True, ("CREATEFAILED: left to the tracker and rotation",))
+        return "CREATEFAILED: left to the tracker and rotation"
     if c.state != NORMAL:
-        return Decision(c.image_id, True, (f"state {c.state}: not deletable",))
+        return f"state {c.state}: not deletable"
+    return None
+
+
+def _decision(c: Candidate, kept_for: list[str], expired: set[str], rules: Rules) -> Decision:
+    if (held := _held(c)) is not None:
+        return Decision(c.image_id, True, (held,))
     if c.image_id in expired:
         return Decision(
             c.image_id, False, (f"expired: older than max_age_days {rules.max_age_days}",)

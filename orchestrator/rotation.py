@@ -53,14 +53,42 @@ LOCK_NAMESPACE = 0x43564252
 
 Conn = Any  # an asyncpg connection (pool proxies included)
 
+# `syncing`: a copy of the image into another region is still running (its copy job has not
+# ended). Such a source is never deleted, by retention or by quota rotation: DeleteImages
+# refuses it while the sync runs, and deleting it could lose the copy.
 _LIVE_COLUMNS = """
     i.image_id, i.account, i.region, i.policy_id, i.instance_id, i.job_id, i.state,
-    i.created_at, i.delete_requested_at, i.delete_reason, i.delete_sent_at, i.delete_kind
+    i.created_at, i.delete_requested_at, i.delete_reason, i.delete_sent_at, i.delete_kind,
+    i.source_image_id,
+    EXISTS (SELECT 1 FROM jobs cj WHERE cj.kind = 'copy' AND cj.source_image_id = i.image_id
+            AND cj.finished_at IS NULL) AS syncing
 """
 
+# The policy's own rules: for its backups, in its own region.
 _POLICY_RULES = """
     p.timezone, p.keep_last, p.keep_daily, p.keep_weekly, p.keep_monthly, p.keep_yearly,
-    p.max_age_days, p.on_quota
+    p.max_age_days, p.on_quota, true AS has_rules
+"""
+
+# The rules of each image row: a backup keeps by its policy's rules, a copy (source_image_id
+# set) by its destination's entry in policies.copies. A copy whose destination is no longer in
+# the policy has no rules (has_rules false): retention skips it, so it is kept, never wiped.
+_IMAGE_RULES = """
+    p.timezone, p.on_quota,
+    i.source_image_id IS NULL
+        OR p.copies @> jsonb_build_array(jsonb_build_object('region', i.region)) AS has_rules,
+    CASE WHEN i.source_image_id IS NULL THEN p.keep_last
+         ELSE cvm_backup_copy_rule(p.copies, i.region, 'keep_last') END AS keep_last,
+    CASE WHEN i.source_image_id IS NULL THEN p.keep_daily
+         ELSE cvm_backup_copy_rule(p.copies, i.region, 'keep_daily') END AS keep_daily,
+    CASE WHEN i.source_image_id IS NULL THEN p.keep_weekly
+         ELSE cvm_backup_copy_rule(p.copies, i.region, 'keep_weekly') END AS keep_weekly,
+    CASE WHEN i.source_image_id IS NULL THEN p.keep_monthly
+         ELSE cvm_backup_copy_rule(p.copies, i.region, 'keep_monthly') END AS keep_monthly,
+    CASE WHEN i.source_image_id IS NULL THEN p.keep_yearly
+         ELSE cvm_backup_copy_rule(p.copies, i.region, 'keep_yearly') END AS keep_yearly,
+    CASE WHEN i.source_image_id IS NULL THEN p.max_age_days
+         ELSE cvm_backup_copy_rule(p.copies, i.region, 'max_age_days') END AS max_age_days
 """
 
 _INSTANCE_IMAGES = f"""
@@ -70,7 +98,7 @@ WHERE i.policy_id = $1 AND i.instance_id = $2 AND i.account = $3 AND i.region = 
 """
 
 REGION_IMAGES = f"""
-SELECT {_LIVE_COLUMNS}, {_POLICY_RULES} FROM images i JOIN policies p ON p.id = i.policy_id
+SELECT {_LIVE_COLUMNS}, {_IMAGE_RULES} FROM images i JOIN policies p ON p.id = i.policy_id
 WHERE i.account = $1 AND i.region = $2 AND i.deleted_at IS NULL
 """
 
@@ -116,7 +144,7 @@ ORDER BY account, region
 # wait on each other until their windows closed.
 _IN_FLIGHT = """
 SELECT EXISTS (SELECT 1 FROM images WHERE account = $1 AND region = $2 AND deleted_at IS NULL
-                 AND (state = 'CREATING' OR delete_requested_at IS NOT NULL))
+                 AND (state IN ('CREATING', 'SYNCING') OR delete_requested_at IS NOT NULL))
     OR EXISTS (SELECT 1 FROM jobs WHERE account = $1 AND region = $2
                  AND (state = 'waiting_image' OR (state = 'creating' AND lease_owner IS NULL)))
 """
@@ -138,6 +166,8 @@ class LiveImage:
     delete_reason: str | None
     delete_sent_at: datetime | None = None
     delete_kind: str | None = None
+    source_image_id: str | None = None  # set for a copy: the backup it was made from
+    syncing: bool = False  # a copy of it into another region is still running
 
     @classmethod
     def from_record(cls, row: Any) -> LiveImage:
@@ -153,7 +183,8 @@ class LiveImage:
     @property
     def candidate(self) -> Candidate:
         """As a retention candidate (every image in our table is ours)."""
-        return Candidate(self.image_id, self.created_at, self.state, ours=True)
+        pinned = "a copy of it into another region is still running" if self.syncing else None
+        return Candidate(self.image_id, self.created_at, self.state, ours=True, pinned=pinned)
 
 
 # -- the region's delete lock -----------------------------------------------------------------
@@ -442,13 +473,15 @@ async def confirm_everywhere(ctx: EngineContext, accounts: Collection[str]) -> i
 
 
 def rules_of(row: Any) -> Rules:
-    """A policy row's retention rules."""
+    """A row's retention rules (the policy's, or a copy destination's)."""
+    if not row.get("has_rules", True):
+        raise Unevaluable("a copy whose destination is no longer in the policy: kept")
     return Rules(
-        keep_last=row["keep_last"],
-        keep_daily=row["keep_daily"],
-        keep_weekly=row["keep_weekly"],
-        keep_monthly=row["keep_monthly"],
-        keep_yearly=row["keep_yearly"],
+        keep_last=row["keep_last"] or 0,
+        keep_daily=row["keep_daily"] or 0,
+        keep_weekly=row["keep_weekly"] or 0,
+        keep_monthly=row["keep_monthly"] or 0,
+        keep_yearly=row["keep_yearly"] or 0,
         max_age_days=row["max_age_days"],
     )
 
@@ -642,7 +675,9 @@ class _Ranks:
 
 def _rank_pair(ranks: _Ranks, group: Sequence[Any], requester: int | None) -> None:
     images = [LiveImage.from_record(r) for r in group]
-    settled = [i for i in images if not i.deleting and i.state in DELETABLE_STATES]
+    settled = [
+        i for i in images if not i.deleting and not i.syncing and i.state in DELETABLE_STATES
+    ]
     ranks.failed += [(i, RANK_FAILED) for i in settled if i.state == CREATEFAILED]
     decisions = decide_or_skip(group[0], images)
     # A pair whose rules cannot be read is never released by them, nor taken when its policy

@@ -1,6 +1,6 @@
 """The scheduler: cron slots of enabled policies -> one run and its jobs per (policy, slot).
 
-Idempotent per slot: `runs (policy_id, slot)` and `jobs (policy_id, instance_id, slot)` are
+Idempotent per slot: `runs (policy_id, slot)` and `jobs (policy_id, instance_id, slot, region)` are
 unique and inserted with ON CONFLICT DO NOTHING, so two replicas or a restart create nothing
 twice. After downtime only the most recent missed slot runs, and only while its completion
 window is still open: a daemon that was down for a week makes one backup, not seven.
@@ -327,7 +327,7 @@ async def _insert_jobs(
                t.state, CASE WHEN t.state = 'skipped' THEN 'instance_gone' END,
                CASE WHEN t.state = 'skipped' THEN now() END
         FROM unnest($7::text[], $8::text[], $9::text[]) AS t(instance_id, image_name, state)
-        ON CONFLICT (policy_id, instance_id, slot) DO NOTHING
+        ON CONFLICT (policy_id, instance_id, slot, region) DO NOTHING
         """,
         run_id,
         policy.id,

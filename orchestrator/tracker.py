@@ -36,7 +36,8 @@ from typing import Any
 import asyncpg
 import structlog
 
-from orchestrator import logs, pauses, retention, rotation
+from orchestrator import jobs as job_rows
+from orchestrator import logs, pauses, retention, rotation, sweep
 from orchestrator.config import DEFAULT_LIMITS, Settings
 from orchestrator.context import EngineContext
 from orchestrator.db.resilience import DbWatch
@@ -64,7 +65,7 @@ Pair = tuple[str, str]
 _TRACKED = """
 SELECT j.image_id, j.account, j.region, j.policy_id, j.instance_id, j.id AS job_id,
        j.image_name AS name, j.slot, coalesce(i.created_at, j.updated_at) AS recorded_at,
-       j.deadline, i.state
+       j.deadline, i.state, j.source_image_id
 FROM jobs j LEFT JOIN images i ON i.image_id = j.image_id
 WHERE j.state = 'waiting_image'
   -- A paused account's API is left alone until it resumes (orchestrator.pauses); a pause
@@ -73,9 +74,9 @@ WHERE j.state = 'waiting_image'
                   AND (ap.scope_region IS NULL OR ap.scope_region = j.region))
 UNION ALL
 SELECT i.image_id, i.account, i.region, i.policy_id, i.instance_id, NULL, i.name, i.slot,
-       i.created_at, NULL, i.state
+       i.created_at, NULL, i.state, i.source_image_id
 FROM images i
-WHERE i.state = 'CREATING' AND i.deleted_at IS NULL
+WHERE i.state IN ('CREATING', 'SYNCING') AND i.deleted_at IS NULL
   AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.image_id = i.image_id AND j.state = 'waiting_image')
   AND NOT EXISTS (SELECT 1 FROM account_pauses ap WHERE ap.account = i.account
                   AND (ap.scope_region IS NULL OR ap.scope_region = i.region))
@@ -98,9 +99,9 @@ RETURNING image_id, account, region, policy_id, instance_id, job_id, state, crea
 # Every image of a poll that became NORMAL, in one statement.
 _UPSERT_READY = """
 INSERT INTO images (image_id, name, account, region, instance_id, policy_id, slot, job_id,
-                    state, size_gb, ready_at)
+                    state, size_gb, ready_at, source_image_id)
 SELECT u.image_id, u.name, u.account, u.region, u.instance_id, u.policy_id, u.slot, u.job_id,
-       'NORMAL', u.size_gb, now()
+       'NORMAL', u.size_gb, now(), (SELECT j.source_image_id FROM jobs j WHERE j.id = u.job_id)
 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[],
             $7::timestamptz[], $8::bigint[], $9::integer[])
      AS u(image_id, name, account, region, instance_id, policy_id, slot, job_id, size_gb)
@@ -168,6 +169,7 @@ class Tracked:
     recorded_at: datetime
     deadline: datetime | None
     state: str | None  # as recorded in our images table; None when there is no row yet
+    source_image_id: str | None = None  # a copy's source; None for a backup
 
     def live(self, state: str) -> LiveImage:
         """As a live image row in `state` (for ledger rows before the images row exists)."""
@@ -234,6 +236,7 @@ async def _ready(ctx: EngineContext, ready: Sequence[tuple[Tracked, Image]]) -> 
         lives = {r["image_id"]: LiveImage.from_record(r) for r in rows}
         jobs = [t.job_id for t, _ in ready if t.job_id is not None]
         succeeded = {r["id"] for r in await conn.fetch(_SUCCEED_JOBS, jobs)}
+        copies = await job_rows.schedule_copies(conn, sorted(succeeded))
         ledger: list[rotation.EventRow] = []
         for t, image in ready:
             live = lives[t.image_id]
@@ -243,6 +246,13 @@ async def _ready(ctx: EngineContext, ready: Sequence[tuple[Tracked, Image]]) -> 
         await rotation.record_events(conn, ledger)
     for t, image in ready:
         _log_ready(t, image, t.job_id in succeeded)
+    for copy in copies:
+        log.info(
+            "copy.scheduled",
+            job=copy["id"],
+            region=copy["region"],
+            source_image_id=copy["source_image_id"],
+        )
 
 
 def _bound(t: Tracked) -> contextlib.AbstractContextManager[None]:
@@ -438,7 +448,20 @@ async def _tracked(ctx: EngineContext, held: Held = None) -> list[Tracked]:
     return [t for t in found if t.account in accounts]
 
 
+async def _sweep_destinations(ctx: EngineContext, regions: Iterable[tuple[str, str]]) -> None:
+    for account, region in sorted(regions):
+        try:
+            await sweep.sweep_region(ctx, account, region)
+        except TencentError as exc:
+            # The retention sweep passes over the region again on its own schedule.
+            log.warning("retention.failed", account=account, region=region, code=exc.code)
+
+
 async def _apply_retention(ctx: EngineContext, ready: Iterable[Tracked]) -> None:
+    ready = list(ready)
+    # A copy that is done unpins its source (retention at home may now let it go) and makes
+    # older copies in its destination go by that destination's rules.
+    await _sweep_destinations(ctx, {(t.account, t.region) for t in ready if t.source_image_id})
     # Pairs where nothing can go only get their keeps recorded, all at once.
     loud = await rotation.sweep_quiet(ctx, {(t.policy_id, t.instance_id) for t in ready})
     for policy_id, instance_id in loud:

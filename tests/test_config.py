@@ -43,17 +43,23 @@ def _toml_table(values: Mapping[str, object]) -> str:
     return "".join(f"{k} = {_toml_value(v)}\n" for k, v in values.items() if v is not None)
 
 
+# Fields written as their own TOML tables, not as scalars.
+_SECTIONS = {"limits", "retry", "accounts", "notify"}
+
+
 def _as_toml(settings: config.Settings) -> str:
     """A config file that sets every field of `settings` explicitly."""
     scalars = {
         f.name: getattr(settings, f.name)
         for f in dataclasses.fields(settings)
-        if f.name not in {"limits", "retry", "accounts"}
+        if f.name not in _SECTIONS
     }
     text = _toml_table(scalars) + "[limits]\n" + _toml_table(settings.limits)
     text += "[retry]\n" + _toml_table(dataclasses.asdict(settings.retry))
     for account in settings.accounts:
         text += "[[accounts]]\n" + _toml_table(dataclasses.asdict(account))
+    for target in settings.notify:
+        text += "[[notify]]\n" + _toml_table(dataclasses.asdict(target))
     return text
 
 
@@ -158,7 +164,7 @@ _SCALARS = [
     (cls, f.name)
     for cls in (config.Settings, config.RetrySettings, config.AccountSettings)
     for f in dataclasses.fields(cls)
-    if f.name not in {"limits", "retry", "accounts"}
+    if f.name not in _SECTIONS
 ]
 
 

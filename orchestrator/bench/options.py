@@ -24,6 +24,10 @@ class Options:
     busy_share: float = 0.1  # instances busy with another operation when the run starts
     busy_seconds: float = 10.0
     delete_delay: float = 3.0  # the quota scenario: a deleted image lingers, DELETING
+    # The history scenario (only with --only history: it writes ~10 GB): instances backed up
+    # daily for this many days.
+    history_instances: int = 3000
+    history_span: int = 365
     slot: str = SLOT_NEXT_MINUTE  # first-call latency from a real cron slot, or from start
     baseline: bool = True
     seed: int = 2026
@@ -45,6 +49,8 @@ def quick_options(base: Options) -> Options:
         ceiling_jobs=min(base.ceiling_jobs, 200),
         memory_jobs=min(base.memory_jobs, 2000),
         memory_seconds=min(base.memory_seconds, 2.0),
+        history_instances=min(base.history_instances, 40),
+        history_span=min(base.history_span, 50),
         busy_seconds=1.0,
         delete_delay=0.5,
         slot=SLOT_NOW,

@@ -23,6 +23,8 @@ from orchestrator.bench.ceiling import engine_ceiling
 from orchestrator.bench.database import BenchDatabase, bench_database
 from orchestrator.bench.fleet import fleet_at_limit
 from orchestrator.bench.harness import BenchError, Env
+from orchestrator.bench.history import history_at_scale
+from orchestrator.bench.history import table as history_table
 from orchestrator.bench.memory import memory_at_scale
 from orchestrator.bench.options import Options
 from orchestrator.bench.quota import quota_rotation
@@ -37,6 +39,7 @@ SCENARIOS: Mapping[str, tuple[str, Scenario]] = {
     "quota": ("a full-quota slot beside the same slot with room", quota_rotation),
     "ceiling": ("engine ceiling, limits lifted", engine_ceiling),
     "memory": ("peak RSS with many jobs", memory_at_scale),
+    "history": ("a year of history beside none", history_at_scale),
 }
 
 
@@ -97,8 +100,12 @@ async def run(options: Options, *, database_url: str | None, logs_dir: Path | No
         if logs_dir is None:
             shutil.rmtree(workdir, ignore_errors=True)
     path = report.write(document, options.out)
-    print(report.targets_table(results))
-    print()
-    print(report.versus_table(results))
+    # The history scenario has its own table; the others share the two below.
+    if set(results) - {"history"}:
+        print(report.targets_table(results))
+        print()
+        print(report.versus_table(results))
+    if "history" in results:
+        print(history_table(results["history"]))
     print(f"\nresults: {path}")
     return 1 if any("error" in r for r in results.values()) else 0

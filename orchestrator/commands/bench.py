@@ -13,7 +13,12 @@ from typing import Any
 
 from orchestrator.errors import UsageError
 
-SCENARIO_NAMES = ("baseline", "fleet", "faults", "quota", "ceiling", "memory")
+SCENARIO_NAMES = ("baseline", "fleet", "faults", "quota", "ceiling", "memory", "history")
+# Bounds against typos: the history scenario writes ~30 rows per instance and day (3,000
+# instances for 365 days is about 10 GB). Its span leaves the pruning pass days to prune
+# (history_days is at least 32).
+MAX_HISTORY_INSTANCES = 100_000
+MIN_HISTORY_SPAN, MAX_HISTORY_SPAN = 40, 3650
 
 
 def _range(text: str) -> tuple[float, float]:
@@ -48,6 +53,12 @@ def register(subparsers: Any) -> None:
     add("--memory-jobs", type=int, help="jobs materialized for the memory run (default 100000)")
     add("--memory-seconds", type=float, help="seconds of dispatching in the memory run")
     add("--fault-rate", type=float, help="InternalError probability per call (default 0.2)")
+    add(
+        "--history-instances",
+        type=int,
+        help="instances with a history in the history scenario (default 3000)",
+    )
+    add("--history-span", type=int, help="days of history in the history scenario (default 365)")
     add("--busy-share", type=float, help="share of busy instances (default 0.1)")
     add(
         "--delete-delay",
@@ -85,6 +96,8 @@ _OVERRIDES = (
     "fault_rate",
     "busy_share",
     "delete_delay",
+    "history_instances",
+    "history_span",
     "slot",
     "seed",
 )
@@ -125,6 +138,12 @@ def _check(options: Any) -> None:
     for name in ("fault_rate", "busy_share"):
         if not 0 <= getattr(options, name) <= 1:
             raise UsageError(f"bench: --{name.replace('_', '-')} must be between 0 and 1")
+    if not 1 <= options.history_instances <= MAX_HISTORY_INSTANCES:
+        raise UsageError(f"bench: --history-instances must be 1 to {MAX_HISTORY_INSTANCES}")
+    if not MIN_HISTORY_SPAN <= options.history_span <= MAX_HISTORY_SPAN:
+        raise UsageError(
+            f"bench: --history-span must be {MIN_HISTORY_SPAN} to {MAX_HISTORY_SPAN} days"
+        )
     if min(options.build_delay, options.memory_seconds, options.delete_delay) < 0:
         raise UsageError("bench: --build-delay, --memory-seconds and --delete-delay must be >= 0")
     _check_daemon_settings(options.daemon_settings)

@@ -24,7 +24,8 @@ def register(subparsers: Any) -> None:
 async def _migrate() -> int:
     from orchestrator.db import migrate, pool
 
-    conn = await pool.connect(config.load())
+    # The one command that may initdb the embedded database: every other one needs it made.
+    conn = await pool.connect(config.load(), create=True)
     try:
         applied = await migrate.migrate(conn)
         status = await migrate.schema_status(conn)
@@ -42,13 +43,14 @@ def run_migrate(args: argparse.Namespace) -> int:
 
 
 async def _check() -> tuple[int, list[str]]:
-    from orchestrator.db import dsn, migrate, pool
+    from orchestrator.db import dsn, embedded, migrate, pool
 
     settings = config.load()
     where = dsn.redact(settings.database_url) if settings.database_url else "embedded"
     try:
         conn = await pool.connect(settings)
-    except pool.DatabaseUnavailable as exc:
+    except (pool.DatabaseUnavailable, embedded.NoDatabase) as exc:
+        # Unhealthy, not misused: check's contract is exit 0/1, and it creates nothing.
         return 1, [f"database: FAIL: {exc}"]
     try:
         status = await migrate.schema_status(conn)

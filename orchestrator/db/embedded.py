@@ -114,6 +114,18 @@ class EmbeddedError(UsageError):
     """The embedded server could not be set up or started; the message says why and what to do."""
 
 
+class NoDatabase(EmbeddedError):
+    """No embedded database under the home, and this command may not create one."""
+
+    def __init__(self, pgdata: Path) -> None:
+        super().__init__(
+            f"no database: CVM_BACKUP_DATABASE_URL (or DATABASE_URL) is not set and there is "
+            f"no embedded database at {pgdata} (under CVM_BACKUP_HOME); create it with "
+            "`cvm-backup migrate`, or set CVM_BACKUP_DATABASE_URL to your server"
+        )
+        self.pgdata = pgdata
+
+
 class EmbeddedServer:
     """A handle on the running embedded server: its DSN, and `cleanup` to leave it."""
 
@@ -170,10 +182,16 @@ _instances: dict[Path, EmbeddedServer] = {}
 _INSTANCES_LOCK = threading.RLock()
 
 
-def start(home: Path, *, cleanup_mode: str | None = "stop") -> EmbeddedServer:
-    """Start (or join) the embedded server for `home` and return a handle on it."""
+def start(home: Path, *, cleanup_mode: str | None = "stop", create: bool = True) -> EmbeddedServer:
+    """Start (or join) the embedded server for `home` and return a handle on it.
+
+    With `create=False` a home without a data directory is refused (NoDatabase) before
+    anything is made: commands that only read must not leave an empty database behind.
+    """
     if cleanup_mode not in CLEANUP_MODES:
         raise ValueError(f"cleanup_mode must be one of {CLEANUP_MODES}, not {cleanup_mode!r}")
+    if not create and not exists(home):
+        raise NoDatabase(home.expanduser().resolve() / PGDATA_DIRNAME)
     home = _private_home(home)
     pgdata = home / PGDATA_DIRNAME
     with _INSTANCES_LOCK:
@@ -198,9 +216,22 @@ def start(home: Path, *, cleanup_mode: str | None = "stop") -> EmbeddedServer:
         return server
 
 
-def dsn(home: Path) -> str:
+def dsn(home: Path, *, create: bool = True) -> str:
     """The embedded server's DSN for `home`, starting it if needed (peer auth, no password)."""
-    return start(home).get_uri()
+    return start(home, create=create).get_uri()
+
+
+def exists(home: Path) -> bool:
+    """Whether `home` holds a data directory initdb made; looks, creates nothing."""
+    try:
+        (home.expanduser() / PGDATA_DIRNAME / "PG_VERSION").stat()
+    except FileNotFoundError:
+        return False
+    except OSError:
+        # Something is there but cannot be examined (not a directory, no permission):
+        # `start` says what is wrong with it, which "does not exist" would hide.
+        return True
+    return True
 
 
 # --- the home and the data directory -------------------------------------------------------

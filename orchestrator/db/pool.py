@@ -40,11 +40,15 @@ class DatabaseMisconfigured(UsageError):
     """The DSN cannot be used as written (not transient: retrying will not help)."""
 
 
-def resolve_dsn(settings: Settings) -> str:
-    """The configured DSN, else the embedded server's (started on demand; blocking)."""
+def resolve_dsn(settings: Settings, *, create: bool = False) -> str:
+    """The configured DSN, else the embedded server's (started on demand; blocking).
+
+    Only `create=True` (migrate) may initdb a new embedded database; without it a home with
+    none is refused (embedded.NoDatabase, exit 2), so a read-only command creates nothing.
+    """
     if settings.database_url:
         return settings.database_url
-    return embedded.dsn(settings.home)
+    return embedded.dsn(settings.home, create=create)
 
 
 async def init_connection(conn: asyncpg.Connection) -> None:
@@ -135,9 +139,9 @@ async def connect_dsn(dsn: str) -> asyncpg.Connection:
     return conn
 
 
-async def connect(settings: Settings) -> asyncpg.Connection:
-    """One connection (for migrations, LISTEN, one-shot commands)."""
-    dsn = await asyncio.to_thread(resolve_dsn, settings)
+async def connect(settings: Settings, *, create: bool = False) -> asyncpg.Connection:
+    """One connection (for migrations, LISTEN, one-shot commands); `create` as for resolve_dsn."""
+    dsn = await asyncio.to_thread(lambda: resolve_dsn(settings, create=create))
     return await connect_dsn(dsn)
 
 

@@ -25,7 +25,13 @@ DELETE_KINDS = {
     "retention.deleted": "deleted: retention",
     "image.deleted": "deleted: CREATEFAILED",
 }
-WATCHED_ACTIONS = ("CreateImage", "DeleteImages", "DescribeImages", "DescribeInstances")
+WATCHED_ACTIONS = (
+    "CreateImage",
+    "SyncImages",
+    "DeleteImages",
+    "DescribeImages",
+    "DescribeInstances",
+)
 # A driven slot: its time and the ledger id range (after, upto] of its drive.
 DrivenSlot = tuple[datetime, tuple[int, int]]
 
@@ -70,12 +76,14 @@ class SlotTally:
     retried_jobs: int
     retries: int
     deleted: dict[str, int]  # by ledger kind, during the slot's drive
+    copied: int = 0  # copies made in other regions (policies.copies)
 
     def row(self, label: str) -> int:
         """The value of one summary row."""
         values = {
             "jobs": sum(self.states.values()),
             "backed up": self.states.get("succeeded", 0),
+            "copied to another region": self.copied,
             "failed": self.states.get("failed", 0),
             "skipped": self.states.get("skipped", 0),
             "expired": self.states.get("expired", 0),
@@ -89,6 +97,7 @@ class SlotTally:
 ROWS = (
     "jobs",
     "backed up",
+    "copied to another region",
     "failed",
     "skipped",
     "expired",
@@ -100,8 +109,14 @@ ROWS = (
 
 async def tally_slot(pool: asyncpg.Pool, slot: datetime, events: tuple[int, int]) -> SlotTally:
     """The tally of `slot`; `events` is the ledger id range (after, upto] of its drive."""
+    # Backups only: their copies (a row of their own) are the same instances again.
     states = await pool.fetch(
-        "SELECT state, count(*) AS n FROM jobs WHERE slot = $1 GROUP BY state", slot
+        "SELECT state, count(*) AS n FROM jobs WHERE slot = $1 AND kind = 'backup' GROUP BY state",
+        slot,
+    )
+    copied = await pool.fetchval(
+        "SELECT count(*) FROM jobs WHERE slot = $1 AND kind = 'copy' AND state = 'succeeded'",
+        slot,
     )
     retried = await pool.fetchrow(_RETRIED, slot, list(RETRY_OUTCOMES))
     deleted = await pool.fetch(_DELETED, list(DELETE_KINDS), *events)
@@ -111,6 +126,7 @@ async def tally_slot(pool: asyncpg.Pool, slot: datetime, events: tuple[int, int]
         retried_jobs=int(retried["jobs"]) if retried else 0,
         retries=int(retried["retries"]) if retried else 0,
         deleted={r["kind"]: int(r["n"]) for r in deleted},
+        copied=int(copied or 0),
     )
 
 
@@ -192,7 +208,8 @@ def _foreign_check(sim: Simulator, foreign_ids: Sequence[str]) -> Check:
 
 async def _recorded_check(pool: asyncpg.Pool, sim: Simulator) -> Check:
     recorded = {r["image_id"] for r in await pool.fetch("SELECT image_id FROM images")}
-    missing = [i.image_id for i in sim.state.iter_ours() if i.image_id not in recorded]
+    made = [*sim.state.iter_ours(), *sim.state.iter_copies()]
+    missing = [i.image_id for i in made if i.image_id not in recorded]
     return Check("images made but not recorded", len(missing), ", ".join(missing[:5]))
 
 
@@ -202,6 +219,21 @@ async def _terminal_check(pool: asyncpg.Pool) -> Check:
     )
     total = await pool.fetchval("SELECT count(*) FROM jobs")
     return Check("jobs not in a terminal state", int(live or 0), f"of {int(total or 0)} jobs")
+
+
+async def _copies_check(pool: asyncpg.Pool, sim: Simulator, slot: datetime) -> Check:
+    """Each good backup of the slot whose policy copies has exactly one live copy per region."""
+    rows = await pool.fetch(
+        "SELECT j.image_id, d.region FROM jobs j JOIN policies p ON p.id = j.policy_id,"
+        " jsonb_to_recordset(p.copies) AS d(region text)"
+        " WHERE j.slot = $1 AND j.kind = 'backup' AND j.state = 'succeeded'",
+        slot,
+    )
+    wrong = 0
+    for row in rows:
+        live = [c for c in sim.state.iter_copies(row["image_id"]) if c.alive]
+        wrong += sum(1 for c in live if c.region == row["region"]) != 1
+    return Check("backups not copied once", wrong, f"{len(rows) - wrong} copied once")
 
 
 async def _newest_check(pool: asyncpg.Pool, sim: Simulator, slot: datetime) -> Check:
@@ -229,6 +261,7 @@ async def checks(
         Check("duplicate images", len(sim.state.duplicates), "one image per policy/instance/slot"),
         _foreign_check(sim, foreign_ids),
         await _newest_check(pool, sim, last_slot),
+        await _copies_check(pool, sim, last_slot),
         await _terminal_check(pool),
         await _recorded_check(pool, sim),
     )

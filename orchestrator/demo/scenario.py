@@ -19,6 +19,8 @@ SEED = 20240601
 SCHEDULE = "0 * * * *"  # hourly: slot 1 is the current hour, slot 2 the next one
 TAG_POLICY = "fleet-hourly"
 ID_POLICY = "db-extra"
+# The id policy's backups are copied here (a [[policies.copies]] destination).
+COPY_REGION = "ap-shanghai"
 # An explicit target that DescribeInstances does not know: its job is skipped (instance gone).
 MISSING_ID = "ins-decom001"
 # Roles cycle web, db, cache, batch in generated fleets (simulator.fleet).
@@ -152,7 +154,8 @@ def _lookalike(instance_id: str) -> str:
 
 
 def policies_toml(explicit_ids: tuple[str, ...]) -> str:
-    """The sample policy file: a tag policy keeping 2 images, an id policy keeping 1."""
+    """The sample policy file: a tag policy keeping 2 images, an id policy keeping 1 at home
+    and 1 copy in COPY_REGION."""
     ids = ", ".join(f'"{i}"' for i in explicit_ids)
     return f"""\
 [[policies]]
@@ -173,6 +176,9 @@ instance_ids = [{ids}]
 completion_window = "2h"
 on_quota = "rotate"
 [policies.retention]
+keep_last = 1
+[[policies.copies]]
+region = "{COPY_REGION}"
 keep_last = 1
 """
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.errors import UsageError
+from orchestrator.simulator.config import MAX_DELAY
 
 if TYPE_CHECKING:
     from orchestrator.simulator.config import Faults, SimConfig
@@ -40,10 +41,13 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--after-create",
         type=float,
-        help="share of CreateImage faults applied after the image was made",
+        help="share of CreateImage/SyncImages faults applied after the image (copy) was made",
     )
     parser.add_argument("--latency", type=_range, help="MIN:MAX seconds added to each call")
     parser.add_argument("--create-delay", type=_range, help="MIN:MAX seconds CREATING lasts")
+    parser.add_argument(
+        "--sync-delay", type=_range, help="MIN:MAX seconds a SyncImages copy stays SYNCING"
+    )
     parser.add_argument("--quota", type=int, help="custom-image quota of every region")
     parser.add_argument(
         "--delete-delay",
@@ -75,8 +79,10 @@ def _range(text: str) -> tuple[float, float]:
         low, high = (float(part) for part in text.split(":"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected MIN:MAX seconds, got {text!r}") from None
-    if not 0 <= low <= high:
-        raise argparse.ArgumentTypeError(f"expected 0 <= MIN <= MAX, got {text!r}")
+    if not 0 <= low <= high <= MAX_DELAY:
+        raise argparse.ArgumentTypeError(
+            f"expected 0 <= MIN <= MAX <= {MAX_DELAY:g} seconds, got {text!r}"
+        )
     return low, high
 
 
@@ -147,6 +153,7 @@ def build_config(args: argparse.Namespace) -> SimConfig:
         limits=limits,
         instances=config.instances + extra,
         create_delay=args.create_delay or config.create_delay,
+        sync_delay=args.sync_delay or config.sync_delay,
         default_quota=config.default_quota if args.quota is None else args.quota,
         legacy=config.legacy or args.legacy,
         delete_delay=_given(args.delete_delay, config.delete_delay),

@@ -16,8 +16,12 @@ DEFAULT_LIMITS: Mapping[str, int] = {
     "DescribeImages": 40,
     "DescribeInstances": 40,
     "DescribeImageQuota": 10,
+    "SyncImages": 10,
 }
 
+# The bound on every simulated delay and latency range, in seconds: a day is already far past
+# any test; infinity (TOML `inf`) would leave an image CREATING or SYNCING forever.
+MAX_DELAY = 86400.0
 DEFAULT_REGION = "ap-guangzhou"
 DEFAULT_QUOTA = 500
 INSTANCE_STATES = frozenset(
@@ -93,8 +97,9 @@ class SimImageSeed:
 class Faults:
     """Injected failures; every rate is a probability per call, drawn from the seeded RNG.
 
-    `after_create` is the share of CreateImage faults applied after the image was made, so a
-    client sees an error (or a dropped connection) for a call that in fact succeeded.
+    `after_create` is the share of CreateImage and SyncImages faults applied after the image
+    (or the copy) was made, so a client sees an error (or a dropped connection) for a call that
+    in fact succeeded.
     """
 
     internal_error_rate: float = 0.0
@@ -147,6 +152,24 @@ class SimConfig:
     # DescribeInstances `tag:KEY` filters answer InvalidParameterValue.TagKeyNotFound when no
     # resource of the account carries KEY, as the real tag service does.
     check_tag_keys: bool = False
+    # SyncImages (reference §10; sync_images.py says which parts are the real API's):
+    # - sync_delay: seconds a copy stays SYNCING in its destination (uniform range) while its
+    #   SyncPercent rises, before it is NORMAL;
+    # - sync_copies_tags: a copy carries the source's tags. Undocumented for the real API, so
+    #   off: a copy carries no tags, and tag filters never find it;
+    # - sync_checks_names: InvalidImageName.Duplicate when the destination already has an image
+    #   of the copy's name. Undocumented for SyncImages (CreateImage does it), so on: the
+    #   stricter case for a caller;
+    # - source_busy_while_syncing: DeleteImages refuses a source while a sync from it runs;
+    # - sync_unsupported_regions: destinations SyncImages refuses (UnsupportedOperation.Region);
+    # - sync_image_set: answer ImageSet when ImageSetRequired is true; False answers without it,
+    #   as an API before ImageSetRequired did.
+    sync_delay: tuple[float, float] = (0.1, 0.4)
+    sync_copies_tags: bool = False
+    sync_checks_names: bool = True
+    source_busy_while_syncing: bool = True
+    sync_unsupported_regions: tuple[str, ...] = ()
+    sync_image_set: bool = True
 
     def limit(self, action: str) -> int | None:
         """The per-second limit of an action, None when unlimited."""

@@ -9,6 +9,10 @@ from dataclasses import dataclass
 
 from orchestrator.simulator.config import Faults
 
+# Actions whose faults may strike after the work (`Faults.after_create`): the calls that make
+# something, so a client can see a failure for an image or a copy that exists.
+MAKING_ACTIONS = frozenset({"CreateImage", "SyncImages"})
+
 
 class Fault(enum.Enum):
     """What goes wrong with one call."""
@@ -62,7 +66,7 @@ class FaultInjector:
         fault = self._pick(faults)
         after = (
             fault is not None
-            and action == "CreateImage"
+            and action in MAKING_ACTIONS
             and self._rng.random() < faults.after_create
         )
         return Decision(latency=latency, fault=fault, after=after)

@@ -10,6 +10,12 @@ A fleet file holds a whole `SimConfig`; every key is optional:
     list_lag = 1.0                  # seconds a new image is missing from DescribeImages
     regions = ["ap-guangzhou"]      # serve only these (and the fleet's); default: all
     check_tag_keys = false          # tag:KEY filters of unknown keys answer TagKeyNotFound
+    sync_delay = [0.1, 0.4]         # seconds a SyncImages copy stays SYNCING (uniform range)
+    sync_copies_tags = false        # copies carry the source's tags (real API: undocumented)
+    sync_checks_names = true        # a taken name in the destination answers Duplicate
+    source_busy_while_syncing = true  # DeleteImages refuses a source while it syncs
+    sync_unsupported_regions = []   # destinations answering UnsupportedOperation.Region
+    sync_image_set = true           # false: SyncImages answers without ImageSet (older API)
     [actions_not_offered]           # region = actions answering UnsupportedRegion there
     ap-nanjing = ["CreateImage"]
     [credentials]                   # secret id = secret key; each secret id is an account
@@ -54,6 +60,7 @@ from orchestrator.simulator.config import (
     DEFAULT_REGION,
     INSTANCE_STATES,
     LOCAL_DISK_TYPES,
+    MAX_DELAY,
     Faults,
     SimConfig,
     SimImageSeed,
@@ -193,8 +200,8 @@ class _Reader:
         if len(value) != 2 or not all(isinstance(v, int | float) for v in value):
             raise self.fail(key, "expected [low, high]")
         low, high = float(value[0]), float(value[1])
-        if not 0 <= low <= high:
-            raise self.fail(key, "expected 0 <= low <= high")
+        if not 0 <= low <= high <= MAX_DELAY:
+            raise self.fail(key, f"expected 0 <= low <= high <= {MAX_DELAY:g}")
         return low, high
 
     def strings(self, key: str) -> dict[str, str]:
@@ -356,7 +363,25 @@ def config_from_mapping(data: Mapping[str, Any], path: Path) -> SimConfig:
         regions=tuple(top.get("regions", list, [])),
         actions_not_offered=_not_offered(top),
         check_tag_keys=top.get("check_tag_keys", bool, False),
+        **_sync_options(top),
     )
+
+
+def _sync_options(top: _Reader) -> dict[str, Any]:
+    default = SimConfig()
+    regions = top.get("sync_unsupported_regions", list, [])
+    if not all(isinstance(r, str) for r in regions):
+        raise top.fail("sync_unsupported_regions", "expected a list of region names")
+    return {
+        "sync_delay": top.pair("sync_delay", default.sync_delay),
+        "sync_copies_tags": top.get("sync_copies_tags", bool, default.sync_copies_tags),
+        "sync_checks_names": top.get("sync_checks_names", bool, default.sync_checks_names),
+        "source_busy_while_syncing": top.get(
+            "source_busy_while_syncing", bool, default.source_busy_while_syncing
+        ),
+        "sync_unsupported_regions": tuple(regions),
+        "sync_image_set": top.get("sync_image_set", bool, default.sync_image_set),
+    }
 
 
 def load_config(path: Path) -> SimConfig:
@@ -384,6 +409,12 @@ def config_to_mapping(config: SimConfig) -> dict[str, Any]:
         "regions": list(config.regions),
         "actions_not_offered": {r: list(a) for r, a in config.actions_not_offered.items()},
         "check_tag_keys": config.check_tag_keys,
+        "sync_delay": list(config.sync_delay),
+        "sync_copies_tags": config.sync_copies_tags,
+        "sync_checks_names": config.sync_checks_names,
+        "source_busy_while_syncing": config.source_busy_while_syncing,
+        "sync_unsupported_regions": list(config.sync_unsupported_regions),
+        "sync_image_set": config.sync_image_set,
         "credentials": dict(config.credentials),
         "tokens": dict(config.tokens),
         "limits": {a: n or 0 for a, n in config.limits.items()},

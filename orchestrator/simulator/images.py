@@ -12,6 +12,7 @@ from orchestrator.simulator.render import image_json
 MAX_LIMIT = 100
 DEFAULT_LIMIT = 20
 MAX_IDS = 100
+INCORRECT_STATE = "InvalidImageId.IncorrectState"
 
 
 def page_bounds(params: Params) -> tuple[int, int]:
@@ -25,7 +26,7 @@ def page_bounds(params: Params) -> tuple[int, int]:
     return offset, limit
 
 
-def _image_ids(params: Params) -> list[str]:
+def image_ids(params: Params) -> list[str]:
     ids = params.texts("ImageIds")
     if len(ids) > MAX_IDS:
         raise ApiError(
@@ -52,7 +53,7 @@ def _select(ctx: CallContext, params: Params) -> list[SimImage]:
     if params.has("ImageIds"):
         live = ctx.state.live_images(ctx.account, ctx.region)
         # Unknown ids are simply absent from the answer, as on the real API.
-        return [live[i] for i in dict.fromkeys(_image_ids(params)) if i in live]
+        return [live[i] for i in dict.fromkeys(image_ids(params)) if i in live]
     filters = params.filters()
     steps = image_steps(filters)
     found = _candidates(ctx, filters)
@@ -76,8 +77,9 @@ def describe_images(ctx: CallContext, body: Json) -> Json:
         )
     offset, limit = page_bounds(params)
     found = _listed(ctx, params)
+    now = ctx.state.mono()
     return {
-        "ImageSet": [image_json(i) for i in found[offset : offset + limit]],
+        "ImageSet": [image_json(i, now) for i in found[offset : offset + limit]],
         "TotalCount": len(found),
     }
 
@@ -91,17 +93,21 @@ def _deletable(ctx: CallContext, ids: list[str]) -> list[SimImage]:
             raise ApiError("InvalidImageId.NotFound", f"The image `{image_id}` is not found.")
         if image.state in UNDELETABLE:
             raise ApiError(
-                "InvalidImageId.IncorrectState",
-                f"The image `{image_id}` is {image.state} and cannot be deleted.",
+                INCORRECT_STATE, f"The image `{image_id}` is {image.state} and cannot be deleted."
+            )
+        if image.syncing and ctx.state.config.source_busy_while_syncing:
+            raise ApiError(
+                INCORRECT_STATE,
+                f"The image `{image_id}` is being synced to another region and cannot be deleted.",
             )
         images.append(image)
     return images
 
 
 def delete_images(ctx: CallContext, body: Json) -> Json:
-    """DeleteImages: all or nothing; refuses images still being made or being deleted."""
+    """DeleteImages: all or nothing; refuses images being made, synced from or deleted."""
     params = Params(body, {"ImageIds", "DeleteBindedSnap", "DryRun"})
-    ids = _image_ids(params)
+    ids = image_ids(params)
     if not ids:
         raise missing("ImageIds")
     snap = params.flag("DeleteBindedSnap")

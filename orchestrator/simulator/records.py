@@ -11,6 +11,7 @@ from orchestrator.simulator.config import SimInstance
 # States in which DeleteImages refuses an image (Chinese DeleteImages docstring); DELETING is
 # refused too: a listed-but-deleting image must not be deleted again (reference §9).
 UNDELETABLE = frozenset({"CREATING", "SYNCING", "IMPORTING", "DELETING"})
+SYNCING = "SYNCING"
 
 
 def iso(epoch: float) -> str:
@@ -20,7 +21,13 @@ def iso(epoch: float) -> str:
 
 @dataclass(slots=True)
 class SimImage:
-    """One custom image, alive or deleted. `ours` marks images made through CreateImage."""
+    """One custom image, alive or deleted.
+
+    `ours` marks images made through the API (CreateImage, or SyncImages for a copy), not
+    seeded. A copy names its source (`copy_of`, `copy_of_region`) and syncs from `sync_started`
+    to `sync_until` (monotonic seconds); `syncing` counts the running syncs this image is the
+    source of.
+    """
 
     image_id: str
     name: str
@@ -39,11 +46,27 @@ class SimImage:
     final_state: str = "NORMAL"
     deleted_time: str | None = None
     seq: int = 0
+    copy_of: str | None = None
+    copy_of_region: str = ""
+    sync_started: float = 0.0
+    sync_until: float = 0.0
+    syncing: int = 0
 
     @property
     def alive(self) -> bool:
         """Whether the image still exists (was not deleted)."""
         return self.deleted_time is None
+
+    def sync_percent(self, now: float) -> int | None:
+        """Image.SyncPercent at monotonic `now`: a copy's progress, None for other images."""
+        if self.copy_of is None:
+            return None
+        if self.state != SYNCING:
+            return 100
+        span = self.sync_until - self.sync_started
+        done = (now - self.sync_started) / span if span > 0 else 1.0
+        # 100 only once NORMAL: a SYNCING copy at 100% would be a contradiction to a reader.
+        return max(0, min(99, int(100 * done)))
 
     def to_json(self) -> dict[str, Any]:
         """The inspection form (not the API form: see render.py)."""
@@ -62,6 +85,12 @@ class SimImage:
             "legacy": self.legacy,
             "created": self.created_time,
             "deleted": self.deleted_time,
+            "copy_of": (
+                None
+                if self.copy_of is None
+                else {"image_id": self.copy_of, "region": self.copy_of_region}
+            ),
+            "syncing": self.syncing,
         }
 
 

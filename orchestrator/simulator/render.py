@@ -33,8 +33,8 @@ def _snapshots(image: SimImage) -> list[Json]:
     return [system, *data]
 
 
-def image_json(image: SimImage) -> Json:
-    """One Image of a DescribeImages answer."""
+def image_json(image: SimImage, now: float) -> Json:
+    """One Image of a DescribeImages answer at monotonic `now` (a copy's SyncPercent)."""
     return {
         "ImageId": image.image_id,
         "OsName": "TencentOS Server 3.1 (TK4)",
@@ -48,7 +48,7 @@ def image_json(image: SimImage) -> Json:
         "Platform": "TencentOS",
         "ImageCreator": image.account,
         "ImageSource": "CREATE_IMAGE",
-        "SyncPercent": None,
+        "SyncPercent": image.sync_percent(now),
         "IsSupportCloudinit": True,
         "SnapshotSet": _snapshots(image),
         "Tags": tags_json(image.tags),

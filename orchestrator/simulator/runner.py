@@ -80,6 +80,10 @@ class Simulator:
         """Change how long new images stay CREATING (seconds, uniform in [low, high])."""
         self.state.create_delay = (low, high)
 
+    def set_sync_delay(self, low: float, high: float) -> None:
+        """Change how long new SyncImages copies stay SYNCING (seconds, uniform in [low, high])."""
+        self.state.sync_delay = (low, high)
+
     def set_account_error(
         self,
         code: str | None,

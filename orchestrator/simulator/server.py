@@ -27,6 +27,7 @@ from orchestrator.simulator.instances import describe_instances
 from orchestrator.simulator.params import parse_body
 from orchestrator.simulator.records import Call
 from orchestrator.simulator.state import SimState
+from orchestrator.simulator.sync_images import sync_images
 
 ACTIONS: dict[str, Action] = {
     "CreateImage": create_image,
@@ -34,6 +35,7 @@ ACTIONS: dict[str, Action] = {
     "DeleteImages": delete_images,
     "DescribeImageQuota": describe_image_quota,
     "DescribeInstances": describe_instances,
+    "SyncImages": sync_images,
 }
 # Exactly this: the SDK ignores error bodies served with any other Content-Type (reference §1.5).
 JSON_HEADERS = {"Content-Type": "application/json"}

@@ -1,9 +1,10 @@
 """The simulated account data and everything observed about the calls made against it.
 
-Transitions are lazy (timeline.py): an image's CREATING end, its appearance in listings
-(`list_lag`), its DELETING end (`delete_delay`) and an instance's return from a short-lived
-state wait on a heap, and every read first settles what is due. The store is touched only from
-the event loop thread; tests read it in-process between awaits.
+Transitions are lazy (timeline.py): an image's CREATING end, a copy's SYNCING end
+(`sync_delay`), an image's appearance in listings (`list_lag`), its DELETING end
+(`delete_delay`) and an instance's return from a short-lived state wait on a heap, and every
+read first settles what is due. The store is touched only from the event loop thread; tests
+read it in-process between awaits.
 """
 
 from __future__ import annotations
@@ -19,7 +20,14 @@ from typing import Any
 from orchestrator.simulator.config import SimConfig, SimImageSeed, SimInstance
 from orchestrator.simulator.denials import Denials
 from orchestrator.simulator.ratelimit import RateWindows
-from orchestrator.simulator.records import Call, Deletion, InstanceRecord, SimImage, iso
+from orchestrator.simulator.records import (
+    SYNCING,
+    Call,
+    Deletion,
+    InstanceRecord,
+    SimImage,
+    iso,
+)
 from orchestrator.simulator.regions import Regions
 from orchestrator.simulator.timeline import Timeline
 
@@ -40,6 +48,7 @@ class SimState:
         self.config = config
         self.windows = RateWindows(config.limits, mono)
         self.create_delay = config.create_delay
+        self.sync_delay = config.sync_delay
         self.legacy = config.legacy
         self.quota = dict(config.quota)
         self.deletions: list[Deletion] = []
@@ -170,6 +179,20 @@ class SimState:
         low, high = self.create_delay
         return self._rng.uniform(low, high)
 
+    def draw_sync_delay(self) -> float:
+        """How long the next copy stays SYNCING, in seconds."""
+        low, high = self.sync_delay
+        return self._rng.uniform(low, high)
+
+    def start_sync(self, source: SimImage, copy: SimImage, delay: float) -> None:
+        """Store a SYNCING copy of `source`: listed after `list_lag`, NORMAL after `delay`."""
+        now = self.mono()
+        copy.copy_of, copy.copy_of_region = source.image_id, source.region
+        copy.sync_started, copy.sync_until = now, now + delay
+        self.add_image(copy, delay=None, lag=self.config.list_lag)
+        source.syncing += 1
+        self._timeline.at(copy.sync_until, partial(_synced, source, copy))
+
     def add_image(self, image: SimImage, delay: float | None, lag: float = 0.0) -> None:
         """Store an image; with a delay it is CREATING until then, with a lag it is unlisted."""
         self._seq += 1
@@ -258,8 +281,16 @@ class SimState:
         return [i for i in self.images.values() if i.name == name]
 
     def iter_ours(self) -> Iterator[SimImage]:
-        """The images made through CreateImage."""
-        return (i for i in self.images.values() if i.ours)
+        """The images made through CreateImage (copies are not: see `iter_copies`)."""
+        return (i for i in self.images.values() if i.ours and i.copy_of is None)
+
+    def iter_copies(self, source_id: str | None = None) -> Iterator[SimImage]:
+        """The copies made through SyncImages (of one source image, when given)."""
+        return (
+            i
+            for i in self.images.values()
+            if i.copy_of is not None and source_id in (None, i.copy_of)
+        )
 
     # -- calls and throttling -----------------------------------------------------------------
 
@@ -290,6 +321,7 @@ class SimState:
         """The whole observable state, as `GET /_sim/state` serves it."""
         body: dict[str, Any] = {
             "images": [i.to_json() for i in self.images.values()],
+            "copies": [_copy_json(i) for i in self.iter_copies()],
             "deletions": [d.to_json() for d in self.deletions],
             "violations": self.violations,
             "max_window": self.windows.max_windows(),
@@ -302,6 +334,25 @@ class SimState:
         if include_calls:
             body["calls"] = [c.to_json() for c in self.calls]
         return body
+
+
+def _copy_json(copy: SimImage) -> dict[str, Any]:
+    return {
+        "image_id": copy.image_id,
+        "name": copy.name,
+        "region": copy.region,
+        "state": copy.state,
+        "source_image_id": copy.copy_of,
+        "source_region": copy.copy_of_region,
+        "deleted": copy.deleted_time,
+    }
+
+
+def _synced(source: SimImage, copy: SimImage) -> None:
+    # The copy is done (it cannot have been deleted while SYNCING); its source is free again.
+    if copy.state == SYNCING:
+        copy.state = copy.final_state
+    source.syncing -= 1
 
 
 def _revert(record: InstanceRecord, due: float) -> None:

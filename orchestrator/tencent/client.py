@@ -2,8 +2,9 @@
 
 In-call retries are deliberately short and bounded (DESIGN §2.5): durable retries live in
 Postgres. A throttled call was not executed, so it is retried for every action. Other transient
-failures are retried here only for read-only `Describe*` actions: a dropped CreateImage may have
-created the image, and only the engine (which resolves by name) may decide to call again.
+failures are retried here only for read-only `Describe*` actions: a dropped CreateImage (or
+SyncImages) may have made the image (or the copy), and only the engine, which resolves by name,
+may decide to call again.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from orchestrator import logs
 from orchestrator.tencent import decode, transport
 from orchestrator.tencent.credentials import CredentialsProvider
 from orchestrator.tencent.endpoints import DEFAULT_ENDPOINT, resolve, validate
-from orchestrator.tencent.errors import ErrorClass, TencentError
+from orchestrator.tencent.errors import SYNC_IMAGES, ErrorClass, TencentError
 from orchestrator.tencent.models import (
     CreateImageResult,
     Filter,
@@ -32,6 +33,7 @@ from orchestrator.tencent.models import (
     Instance,
     InstancePage,
     Json,
+    SyncImagesResult,
 )
 from orchestrator.tencent.signing import build_headers
 
@@ -406,6 +408,46 @@ class CvmClient:
                 raise
             return exc.request_id or ""
         return str(response["RequestId"])
+
+    async def sync_images(
+        self,
+        region: str,
+        image_id: str,
+        destinations: Sequence[str],
+        *,
+        image_name: str | None = None,
+        dry_run: bool = False,
+        guard: Guard | None = None,
+    ) -> SyncImagesResult:
+        """SyncImages: copy the NORMAL custom image `image_id` of `region` to `destinations`.
+
+        The copies are named `image_name` (default: the source's name) and are SYNCING in their
+        regions until NORMAL. There is no client token, so a lost answer is never re-sent here
+        (only throttling is retried): the caller looks the copy up by exact name in each
+        destination before calling again, and does the same when the answer's `copies` lacks a
+        destination (see SyncImagesResult). Errors are classed for SyncImages
+        (`TencentError.error_class`): a source not NORMAL yet is BUSY, a full destination QUOTA,
+        a name taken there ALREADY_DONE, a refused destination PERMANENT. One destination per
+        call keeps each refusal that destination's own. `guard`: see `call`.
+        """
+        regions = _unique(destinations)
+        if not regions:
+            raise ValueError("sync_images needs at least one destination region")
+        params: Json = {"ImageIds": [image_id], "DestinationRegions": regions}
+        if image_name is not None:
+            params["ImageName"] = image_name
+        params["ImageSetRequired"] = True
+        if dry_run:
+            params["DryRun"] = True
+        try:
+            response = await self.call(SYNC_IMAGES, region, params, guard=guard)
+        except TencentError as exc:
+            if exc.code != DRY_RUN_OK or not dry_run:
+                raise
+            return SyncImagesResult(copies=(), request_id=exc.request_id or "", dry_run=True)
+        copies = () if dry_run else decode.checked(SYNC_IMAGES, decode.sync_images, response)
+        request_id = str(response["RequestId"])
+        return SyncImagesResult(copies=copies, request_id=request_id, dry_run=dry_run)
 
     async def describe_image_quota(self, region: str) -> int:
         """The account's custom-image quota in `region`."""

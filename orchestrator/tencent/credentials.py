@@ -1,4 +1,4 @@
-"""Credentials and the SDK's provider chain: environment, then the profile file, then the CVM role.
+"""Credentials and the SDK's provider chain: environment, profile file, CVM role, TKE OIDC role.
 
 A provider is anything with `async def get(self) -> Credentials`. Each call may return fresh
 credentials (temporary role keys are refreshed before they expire), so callers ask per request.
@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import configparser
 import json
+import math
 import os
 import re
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +21,10 @@ from typing import Any, Protocol
 
 import aiohttp
 
-from orchestrator import logs
+from orchestrator import __version__, logs
 from orchestrator.config import AccountSettings
+from orchestrator.errors import UsageError
+from orchestrator.tencent import endpoints, transport
 from orchestrator.tencent.errors import TencentError
 
 METADATA_URL = "http://metadata.tencentyun.com/latest/meta-data/"
@@ -28,6 +32,18 @@ ROLE_PATH = "cam/security-credentials/"
 # The server refuses timestamps more than 300 s off, so the SDK renews keys this long before expiry.
 REFRESH_MARGIN = 300.0
 NO_CREDENTIALS = "AuthFailure.NoCredentials"
+
+# TKE's OIDC role, as the SDK's DefaultTkeOIDCRoleArnProvider reads it (all four required).
+TKE_ENV = ("TKE_REGION", "TKE_PROVIDER_ID", "TKE_WEB_IDENTITY_TOKEN_FILE", "TKE_ROLE_ARN")
+STS_URL = "https://sts.tencentcloudapi.com"
+STS_ACTION = "AssumeRoleWithWebIdentity"
+STS_VERSION = "2018-08-13"
+# The SDK asks for two hours; STS grants at most twelve.
+TKE_DURATION = 7200
+STS_MAX_DURATION = 43200
+# A projected service-account token is a JWT of about 1 KB; anything this big is not one.
+TOKEN_FILE_LIMIT = 64 * 1024
+_STS_MESSAGE_LIMIT = 300
 
 log = logs.get("tencent.credentials")
 
@@ -260,6 +276,187 @@ class CvmRoleCredentials:
             raise CredentialsError(f"CVM role: metadata {url} unreachable ({reason})") from None
 
 
+@dataclass(frozen=True, slots=True, repr=False)
+class _TkeIdentity:
+    """What one AssumeRoleWithWebIdentity call needs; read again before every call."""
+
+    region: str
+    provider_id: str
+    token: str
+    role_arn: str
+
+
+def _token_error(path: Path, reason: str, *, malformed: bool = False) -> CredentialsError:
+    # The path comes from TKE_WEB_IDENTITY_TOKEN_FILE; the token itself is never shown.
+    message = f"TKE OIDC: web identity token file {path}: {reason}"
+    return CredentialsError(message, malformed=malformed)
+
+
+def _read_token(path: Path) -> str:
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(TOKEN_FILE_LIMIT + 1)
+    except OSError as exc:
+        raise _token_error(path, exc.strerror or type(exc).__name__) from None
+    if len(data) > TOKEN_FILE_LIMIT:
+        raise _token_error(path, f"larger than {TOKEN_FILE_LIMIT} bytes", malformed=True)
+    try:
+        # A JWT is ASCII without whitespace: a trailing newline from an editor is not part of it.
+        token = data.decode("ascii").strip()
+    except UnicodeDecodeError:
+        raise _token_error(path, "not a token (not ASCII text)", malformed=True) from None
+    if not token:
+        raise _token_error(path, "empty")
+    return token
+
+
+def _tke_identity(env: Mapping[str, str]) -> _TkeIdentity:
+    values = {name: env.get(name, "").strip() for name in TKE_ENV}
+    missing = [name for name, value in values.items() if not value]
+    if missing:
+        raise CredentialsError(f"TKE OIDC: {', '.join(missing)} not set")
+    token = _read_token(Path(values["TKE_WEB_IDENTITY_TOKEN_FILE"]))
+    return _TkeIdentity(
+        values["TKE_REGION"], values["TKE_PROVIDER_ID"], token, values["TKE_ROLE_ARN"]
+    )
+
+
+def sts_endpoint(url: str) -> endpoints.Endpoint:
+    """The STS endpoint of `url` (https, or http to loopback only); a bad one is a UsageError."""
+    try:
+        return endpoints.resolve(url)
+    except UsageError as exc:
+        raise UsageError(f"CVM_BACKUP_STS_URL: {exc}") from None
+
+
+def _without_token(text: str, token: str) -> str:
+    # STS should never echo the token, but an error message is the one place it could appear:
+    # blank the token and each of its JWT segments, and keep the message short.
+    for part in (token, *token.split(".")):
+        if len(part) >= 16:
+            text = text.replace(part, "***")
+    return text[:_STS_MESSAGE_LIMIT]
+
+
+def _sts_failure(identity: _TkeIdentity, exc: TencentError) -> CredentialsError:
+    message = _without_token(exc.message, identity.token)
+    request = f" (RequestId {exc.request_id})" if exc.request_id else ""
+    return CredentialsError(
+        f"TKE OIDC role {identity.role_arn!r}: STS {STS_ACTION} answered {exc.code}: "
+        f"{message}{request}"
+    )
+
+
+def _sts_credentials(response: Any, role_arn: str, now: float) -> Credentials:
+    failure = f"TKE OIDC role {role_arn!r}: STS answer"
+    try:
+        keys = response["Credentials"]
+        expires_at = float(response["ExpiredTime"])
+        secret_id, secret_key, token = keys["TmpSecretId"], keys["TmpSecretKey"], keys["Token"]
+    except (KeyError, TypeError, ValueError):
+        raise CredentialsError(f"{failure} lacks Credentials or ExpiredTime") from None
+    if not all(isinstance(v, str) for v in (secret_id, secret_key, token)):
+        raise CredentialsError(f"{failure} has keys that are not strings")
+    if not math.isfinite(expires_at) or expires_at <= now:
+        # Keys already expired by our clock would be fetched again on every request.
+        raise CredentialsError(
+            f"{failure} ExpiredTime {expires_at} is not after now ({now:.0f}): check the clock"
+        )
+    # No grant outlives STS's maximum: a bogus far-future time must not pin keys for good.
+    expires_at = min(expires_at, now + STS_MAX_DURATION)
+    return Credentials(
+        secret_id, secret_key, token, expires_at=expires_at, source=f"tke-oidc:{role_arn}"
+    )
+
+
+class TkeOidcCredentials:
+    """Temporary keys of a TKE pod's OIDC role (AssumeRoleWithWebIdentity), renewed early.
+
+    As the SDK does, the environment and the token file are read again before each STS call
+    (the kubelet rotates the projected token), the call is not signed (`Authorization: SKIP`),
+    keys are asked for two hours and renewed a tenth of that before they expire.
+    """
+
+    def __init__(
+        self,
+        env: Mapping[str, str] | None = None,
+        *,
+        sts_url: str = STS_URL,
+        duration: int = TKE_DURATION,
+        timeout: float = 10.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not 0 < duration <= STS_MAX_DURATION:
+            raise ValueError(f"duration must be 1 to {STS_MAX_DURATION} s, not {duration}")
+        self._env = env
+        self._endpoint = sts_endpoint(sts_url)
+        self._duration = duration
+        self._margin = max(REFRESH_MARGIN, duration / 10)
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._clock = clock
+        self._cached: Credentials | None = None
+        self._lock = asyncio.Lock()
+
+    def __repr__(self) -> str:
+        return f"TkeOidcCredentials(sts_url={self._endpoint.url!r})"
+
+    async def get(self) -> Credentials:
+        """Cached role keys, fetched again when they are within the refresh margin of expiry."""
+        async with self._lock:
+            cached = self._cached
+            if cached is None or cached.expiring(self._clock(), self._margin):
+                cached = self._cached = await self._refresh(cached)
+            return cached
+
+    async def _refresh(self, cached: Credentials | None) -> Credentials:
+        try:
+            fresh = await self._fetch()
+        except TencentError as exc:
+            # Keys still inside their lifetime beat no keys: STS or the token file may blip.
+            if cached is not None and not cached.expiring(self._clock(), 0):
+                log.warning("credentials.refresh_failed", code=exc.code, source=cached.source)
+                return cached
+            raise
+        log.debug("credentials.refreshed", source=fresh.source, expires_at=fresh.expires_at)
+        return fresh
+
+    async def _fetch(self) -> Credentials:
+        env = os.environ if self._env is None else self._env
+        identity = await asyncio.to_thread(_tke_identity, env)
+        payload = transport.encode(
+            {
+                "ProviderId": identity.provider_id,
+                "WebIdentityToken": identity.token,
+                "RoleArn": identity.role_arn,
+                "RoleSessionName": f"cvm-backup-{time.time_ns() // 1000}",
+                "DurationSeconds": self._duration,
+            }
+        )
+        try:
+            async with aiohttp.ClientSession() as session:
+                response = await transport.post(
+                    session, self._endpoint.url, self._headers(identity), payload, self._timeout
+                )
+        except TencentError as exc:
+            raise _sts_failure(identity, exc) from None
+        return _sts_credentials(response, identity.role_arn, self._clock())
+
+    def _headers(self, identity: _TkeIdentity) -> dict[str, str]:
+        # The SDK's unsigned request: no X-TC-Token, and "SKIP" where a signature would be.
+        return {
+            "Authorization": "SKIP",
+            "Content-Type": "application/json",
+            "Host": self._endpoint.host,
+            "X-TC-Action": STS_ACTION,
+            "X-TC-Version": STS_VERSION,
+            "X-TC-Timestamp": str(int(time.time())),
+            "X-TC-Region": identity.region,
+            "X-TC-Language": "en-US",
+            "X-TC-RequestClient": f"CVM_BACKUP_{__version__}",
+            "X-TC-TraceId": str(uuid.uuid4()),
+        }
+
+
 class ChainCredentials:
     """The first provider that yields credentials wins and is kept, as the SDK's chain does."""
 
@@ -294,17 +491,22 @@ def default_chain(
     env: Mapping[str, str] | None = None,
     profile_paths: Sequence[Path] | None = None,
     metadata_url: str | None = None,
+    sts_url: str | None = None,
 ) -> ChainCredentials:
-    """The SDK's chain for one account: environment, profile file, CVM role.
+    """The SDK's chain for one account: environment, profile file, CVM role, TKE OIDC role.
 
-    `CVM_BACKUP_METADATA_URL` replaces the metadata service address (private mirrors, tests).
+    `CVM_BACKUP_METADATA_URL` replaces the metadata service address and `CVM_BACKUP_STS_URL` the
+    STS endpoint (private mirrors, tests); a bad STS URL is a UsageError.
     """
     account = account or AccountSettings()
     metadata_url = metadata_url or os.environ.get("CVM_BACKUP_METADATA_URL") or METADATA_URL
+    sts_url = sts_url or os.environ.get("CVM_BACKUP_STS_URL") or STS_URL
     return ChainCredentials(
         [
             EnvCredentials(account, env),
             ProfileCredentials(account.profile, profile_paths),
             CvmRoleCredentials(account.cvm_role, base_url=metadata_url),
+            # Last, as in the SDK's DefaultCredentialProvider: a CVM role bound to the node wins.
+            TkeOidcCredentials(env, sts_url=sts_url),
         ]
     )

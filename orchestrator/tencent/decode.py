@@ -14,6 +14,7 @@ from orchestrator.tencent.errors import TencentError
 from orchestrator.tencent.models import (
     DataDisk,
     Image,
+    ImageCopy,
     ImagePage,
     Instance,
     InstancePage,
@@ -50,6 +51,20 @@ def image_state(value: Any) -> str:
     return text if _STATE_RE.fullmatch(text) else UNKNOWN_STATE
 
 
+MAX_PERCENT = 100
+
+
+def sync_percent(value: Any) -> int | None:
+    """Image.SyncPercent: 0-100, else None (it is informational: never fail a page on it)."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return None
+    try:
+        percent = int(value)
+    except ValueError:
+        return None
+    return percent if 0 <= percent <= MAX_PERCENT else None
+
+
 def image(data: Json) -> Image:
     """One `Image` of a DescribeImages answer."""
     return Image(
@@ -61,6 +76,7 @@ def image(data: Json) -> Image:
         size_gib=_opt_int(data.get("ImageSize")),
         tags=tags(data.get("Tags")),
         description=_str(data.get("ImageDescription")),
+        sync_percent=sync_percent(data.get("SyncPercent")),
     )
 
 
@@ -100,6 +116,19 @@ def instance_page(response: Json) -> InstancePage:
         instances=[instance(i) for i in response.get("InstanceSet") or ()],
         total_count=int(response.get("TotalCount") or 0),
         request_id=str(response["RequestId"]),
+    )
+
+
+def sync_images(response: Json) -> tuple[ImageCopy, ...]:
+    """The `ImageSet` of a SyncImages answer; absent or null (older APIs) is no copies.
+
+    A pair without an id or a region is left out: that copy is found by name instead.
+    """
+    pairs = ((c.get("Region"), c.get("ImageId")) for c in response.get("ImageSet") or ())
+    return tuple(
+        ImageCopy(region=str(region), image_id=str(image_id))
+        for region, image_id in pairs
+        if region and image_id
     )
 
 

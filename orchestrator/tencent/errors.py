@@ -91,8 +91,44 @@ def pause_scope(code: str) -> PauseScope:
     return PauseScope.ACCOUNT
 
 
-def classify(code: str) -> ErrorClass:
-    """The class of an error code; unknown codes are permanent."""
+SYNC_IMAGES = "SyncImages"
+# SyncImages' own meanings (reference §10), over the table above: the call names a source image
+# and destination regions, not an instance. Call it with one destination so that a refusal
+# belongs to that destination alone.
+_BY_ACTION: dict[str, dict[str, ErrorClass]] = {
+    SYNC_IMAGES: {
+        # The source is not NORMAL yet (or is busy with another operation): it gets there.
+        "InvalidImageId.IncorrectState": ErrorClass.BUSY,
+        "FailedOperation.InvalidImageState": ErrorClass.BUSY,
+        "InvalidParameterValue.InvalidImageState": ErrorClass.BUSY,
+        # The destination's quota (ImageQuotaLimitExceeded) stays QUOTA: rotate there, retry.
+        # InvalidImageName.Duplicate stays ALREADY_DONE: look the copy up by exact name in the
+        # destination and adopt it only when it is provably ours.
+        # The source image is gone: nothing left to copy.
+        "InvalidImageId.NotFound": ErrorClass.GONE,
+        # Permanent for that destination, or for that source (too large, encrypted, an
+        # instance image): these never pass by waiting.
+        "InvalidImageId.TooLarge": ErrorClass.PERMANENT,
+        "InvalidImageId.Malformed": ErrorClass.PERMANENT,
+        "InvalidParameterValue.InvalidImageId": ErrorClass.PERMANENT,
+        "InvalidParameterValue.InvalidRegion": ErrorClass.PERMANENT,
+        "InvalidParameterValue.LimitExceeded": ErrorClass.PERMANENT,
+        "InvalidParameter.InstanceImageNotSupport": ErrorClass.PERMANENT,
+        "InvalidParameter.InvalidKmsKeyId": ErrorClass.PERMANENT,
+        "InvalidRegion.NotFound": ErrorClass.PERMANENT,
+        "InvalidRegion.Unavailable": ErrorClass.PERMANENT,
+        "UnsupportedOperation.Region": ErrorClass.PERMANENT,
+        "UnsupportedOperation.EncryptedImagesNotSupported": ErrorClass.PERMANENT,
+        "UnsupportedOperation.LocationImageNotSupported": ErrorClass.PERMANENT,
+        "UnsupportedOperation.SyncEncryptImageNotSupport": ErrorClass.PERMANENT,
+    },
+}
+
+
+def classify(code: str, action: str | None = None) -> ErrorClass:
+    """The class of an error code (as answered to `action`, when given); unknown: permanent."""
+    if action is not None and (found := _BY_ACTION.get(action, {}).get(code)):
+        return found
     if found := _EXACT.get(code):
         return found
     for prefix, cls in _PREFIXES:
@@ -129,8 +165,8 @@ class TencentError(Exception):
 
     @property
     def error_class(self) -> ErrorClass:
-        """What this error means for a job."""
-        return classify(self.code)
+        """What this error means for a job (in the action that got it, once the client set it)."""
+        return classify(self.code, self.action)
 
     def __str__(self) -> str:
         rid = f" (RequestId {self.request_id})" if self.request_id else ""

@@ -43,15 +43,45 @@ class CreateImageResult:
 
 
 @dataclass(frozen=True, slots=True)
+class ImageCopy:
+    """One copy a SyncImages call started: its image id in the destination region."""
+
+    region: str
+    image_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class SyncImagesResult:
+    """A SyncImages success: the copies' ids per destination, or none of them.
+
+    The ids come back at once while each copy runs on (SYNCING, then NORMAL, in its region).
+    `copies` is empty for a DryRun, and for an API that answers without `ImageSet` (before
+    `ImageSetRequired`, SDK 1.0.547, or when a region is left out of it): then the caller finds
+    the copy by its exact name in the destination (`CvmClient.find_images_by_name`), the same
+    look-up that resolves a lost answer, so name copies deterministically.
+    """
+
+    copies: tuple[ImageCopy, ...]
+    request_id: str
+    dry_run: bool = False
+
+    def image_id(self, region: str) -> str | None:
+        """The copy's image id in `region`, None when the answer did not say."""
+        return next((c.image_id for c in self.copies if c.region == region), None)
+
+
+@dataclass(frozen=True, slots=True)
 class Image:
     image_id: str
     name: str
-    state: str
+    state: str  # CREATING, NORMAL, CREATEFAILED, SYNCING (a copy on its way), ...; see decode
     image_type: str
     created_time: datetime | None
     size_gib: int | None
     tags: tuple[Tag, ...] = ()
     description: str = ""
+    # How far a SYNCING copy has come, 0-100; None when the API does not say (most images).
+    sync_percent: int | None = None
 
     def tag(self, key: str) -> str | None:
         """The value of one tag, if the image carries it."""

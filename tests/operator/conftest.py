@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import replace
 from datetime import datetime
 
 import aiohttp
 import asyncpg
 import pytest
+import structlog
 
+from orchestrator import logs
 from orchestrator.config import Settings
 from orchestrator.context import EngineContext
 from orchestrator.daemon import engine_context
 from orchestrator.simulator.config import SimConfig, SimImageSeed
 from orchestrator.simulator.runner import Simulator
+from tests.engine.conftest import LogCapture
 from tests.fixtures.sim import TEST_REGION, make_sim_config
 
 # Images that exist at the simulator and that the images table records as ours (tests/plan).
@@ -46,6 +49,15 @@ async def ctx(pg_pool: asyncpg.Pool, settings: Settings) -> AsyncIterator[Engine
     """The daemon's own engine context (real clients, one shared limiter) on the simulator."""
     async with engine_context(settings, pg_pool) as made:
         yield made
+
+
+@pytest.fixture
+def health_logs() -> Iterator[LogCapture]:
+    """JSON log lines written while the test runs (the engine area's capture, for this one)."""
+    capture = LogCapture()
+    logs.configure("json", "debug", capture.stream)
+    yield capture
+    structlog.reset_defaults()
 
 
 @pytest.fixture

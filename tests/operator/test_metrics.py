@@ -25,6 +25,8 @@ from tests.operator.conftest import insert_image, insert_policy
 from tests.operator.scrape import scrape, value
 
 SLOT = datetime(2024, 5, 1, 3, 0, tzinfo=UTC)
+INSTANCE_TS = "cvm_backup_instance_last_success_timestamp_seconds"
+DAY = 86400.0
 
 
 async def insert_job(
@@ -94,14 +96,15 @@ async def test_metrics_after_activity(
     assert value(samples, "cvm_backup_image_quota", region=TEST_REGION) == TEST_QUOTA
     assert value(samples, "cvm_backup_database_up") == 1
     jobs = {s.labels["state"]: s.value for s in samples if s.name == "cvm_backup_jobs"}
-    assert jobs["succeeded"] == jobs["failed"] == jobs["pending"] == 1
-    assert jobs["expired"] == jobs["creating"] == 0  # every state is present, zeros included
+    # Live states only, zeros included: finished jobs are the counter's, never a table count.
+    assert jobs == {"pending": 1, "claimed": 0, "creating": 0, "waiting_image": 0}
     images = "cvm_backup_images"
     assert value(samples, images, region=TEST_REGION, state="NORMAL") == 1
     assert value(samples, images, region=TEST_REGION, state="CREATING") == 1
+    # The newest good image (NORMAL, just recorded), not the newest job.
     age = value(samples, "cvm_backup_last_success_age_seconds", policy="web")
     assert age is not None
-    assert 3600 <= age < 3600 + 600
+    assert 0 <= age < 600
 
 
 async def scrape_until(http: aiohttp.ClientSession, url: str, name: str) -> list[Sample]:
@@ -124,8 +127,18 @@ async def test_metrics_after_engine_run(
         assert await asyncio.wait_for(engine.run(), timeout=30) == 0
         samples = await scrape(http, url)
     count = len(instance_ids)
-    assert value(samples, "cvm_backup_jobs", policy="fleet", state="succeeded") == count
+    finished = "cvm_backup_jobs_finished_total"
+    assert value(samples, finished, policy="fleet", outcome="succeeded") == count
+    assert value(samples, finished, policy="fleet", outcome="failed", reason="image_failed") == 0
+    assert value(samples, "cvm_backup_jobs", policy="fleet", state="pending") == 0
     assert value(samples, "cvm_backup_images", region=TEST_REGION, state="NORMAL") == count
+    for instance_id in instance_ids:
+        at = value(samples, INSTANCE_TS, policy="fleet", instance_id=instance_id)
+        assert at is not None
+        assert abs(at - time.time()) < 600
+    # Daily at midnight with a two-day window: a good image may be a day plus two days old.
+    assert value(samples, "cvm_backup_policy_rpo_seconds", policy="fleet") == 3 * DAY
+    assert value(samples, "cvm_backup_policy_instances_overdue", policy="fleet") == 0
     calls = "cvm_backup_api_calls_total"
     assert value(samples, calls, action="CreateImage", code="ok") == count
     assert value(samples, calls, action="DescribeImages", code="ok")

@@ -150,8 +150,10 @@ async def test_plan_command_json_all_ok(
         "retention",
         "untargeted_images",
         "no_targets",
+        "copies",
     }
     assert doc["no_targets"] is None
+    assert doc["copies"] == []
     assert [i["instance_id"] for i in doc["instances"]] == instance_ids[2:4]
     for instance in doc["instances"]:
         assert instance["exists"] is True

@@ -118,7 +118,16 @@ async def test_table_shows_age_and_a_truncated_error(
     """The table shows the age as 3h12m and the error as 'code: message', cut with an ellipsis."""
     ok, busy = await _fleet(pg_pool, instance_ids)
     lines = status.render_table(await status.fetch_rows(pg_pool)).splitlines()
-    header = ["POLICY", "INSTANCE", "LAST JOB", "SLOT", "LATEST GOOD IMAGE", "AGE", "LAST ERROR"]
+    header = [
+        "POLICY",
+        "INSTANCE",
+        "LAST JOB",
+        "SLOT",
+        "LATEST GOOD IMAGE",
+        "AGE",
+        "COPIES",
+        "LAST ERROR",
+    ]
     assert re.split(r"\s{2,}", lines[0]) == header
     good = next(line for line in lines if ok in line)
     assert "succeeded" in good
@@ -128,7 +137,7 @@ async def test_table_shows_age_and_a_truncated_error(
     assert "InvalidInstance.BusyState: The instance is busy" in retrying
     assert retrying.endswith("…")
     assert len(status.error_text({"error_code": "X", "error_message": LONG_MESSAGE})) == 60
-    assert re.match(r"idle \(disabled\)\s+-\s+-\s+-\s+-\s+-$", lines[-1])
+    assert re.match(r"idle \(disabled\)\s+-\s+-\s+-\s+-\s+-\s+-$", lines[-1])
 
 
 @pytest.mark.parametrize(
