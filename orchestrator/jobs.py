@@ -323,10 +323,10 @@ async def next_due(pool: asyncpg.Pool, accounts: Collection[str] | None = None) 
 
 async def live_count(pool: asyncpg.Pool, *, run_id: int | None = None) -> int:
     """Jobs not yet terminal (of one run, or all), outside paused accounts: zero means drained."""
+    # finished_at IS NULL: live, and what jobs_live_idx (0011) covers, however long the history.
     value = await pool.fetchval(
-        "SELECT count(*) FROM jobs WHERE state = ANY($1::text[])"
-        " AND ($2::bigint IS NULL OR run_id = $2)" + _NOT_PAUSED,
-        list(LIVE_STATES),
+        "SELECT count(*) FROM jobs WHERE finished_at IS NULL"
+        " AND ($1::bigint IS NULL OR run_id = $1)" + _NOT_PAUSED,
         run_id,
     )
     return int(value or 0)

@@ -35,7 +35,6 @@ from typing import Any
 from orchestrator import logs, naming, rotation
 from orchestrator.context import EngineContext
 from orchestrator.db.resilience import DbWatch
-from orchestrator.jobs import LIVE_STATES
 from orchestrator.rotation import Conn, LiveImage
 from orchestrator.tencent.errors import TencentError
 from orchestrator.tencent.models import Filter, Image
@@ -92,7 +91,7 @@ _POLICIES = "SELECT name, id FROM policies"
 
 # Names a live job is still making: its own tracker records the image, not us.
 _MAKING = """
-SELECT image_name FROM jobs WHERE account = $1 AND region = $2 AND state = ANY($3::text[])
+SELECT image_name FROM jobs WHERE account = $1 AND region = $2 AND finished_at IS NULL
 """
 
 _ADOPT = """
@@ -277,7 +276,7 @@ async def _picture(
     rows = await conn.fetch(_ROWS, account, region, margin)
     known = {r["image_id"]: r for r in await conn.fetch(_KNOWN, list(listed))}
     policies = {r["name"]: r["id"] for r in await conn.fetch(_POLICIES)}
-    making = await conn.fetch(_MAKING, account, region, list(LIVE_STATES))
+    making = await conn.fetch(_MAKING, account, region)
     names = frozenset(r["image_name"] for r in making)
     untagged = [i.name for i in listed.values() if not i.tags and i.image_id not in known]
     sources = {r["name"]: r for r in await conn.fetch(_COPY_SOURCES, account, region, untagged)}

@@ -145,7 +145,7 @@ ORDER BY account, region
 _IN_FLIGHT = """
 SELECT EXISTS (SELECT 1 FROM images WHERE account = $1 AND region = $2 AND deleted_at IS NULL
                  AND (state IN ('CREATING', 'SYNCING') OR delete_requested_at IS NOT NULL))
-    OR EXISTS (SELECT 1 FROM jobs WHERE account = $1 AND region = $2
+    OR EXISTS (SELECT 1 FROM jobs WHERE account = $1 AND region = $2 AND finished_at IS NULL
                  AND (state = 'waiting_image' OR (state = 'creating' AND lease_owner IS NULL)))
 """
 
@@ -623,7 +623,7 @@ async def sweep_quiet(ctx: EngineContext, pairs: Iterable[Pair]) -> list[Pair]:
 # once each, whichever replica holds them; `measure` drops those whose image is already there.
 _NEED = """
 SELECT image_name FROM jobs
-WHERE account = $1 AND region = $2
+WHERE account = $1 AND region = $2 AND finished_at IS NULL
   AND (state IN ('pending', 'claimed') OR (state = 'creating' AND image_id IS NULL) OR id = $3)
 """
 

@@ -169,8 +169,10 @@ async def test_the_daemon_probes_backs_off_and_resumes_by_itself(
         simulator.set_account_error(None)
 
         async def finished() -> bool:
+            # At least: the scheduler may also run today's slot meanwhile, and then the
+            # instance whose job failed on the pause succeeds there too.
             states = [s for s, _, _ in (await job_states(pg_pool)).values()]
-            return states.count("succeeded") == len(ids) - 1
+            return states.count("succeeded") >= len(ids) - 1
 
         await wait_for(finished)
         assert await _pause_row(pg_pool) is None
