@@ -376,12 +376,16 @@ async def complete_runs(pool: asyncpg.Pool) -> list[asyncpg.Record]:
 
 # A backup that succeeded makes its copies due: a job per destination of its policy, in the
 # transaction that records the success, so its run stays open until the copies end too. The
-# window of a copy starts now: it could not start before its source was NORMAL.
+# window of a copy starts now: it could not start before its source was NORMAL. It is due as
+# of its slot, before any backup of that slot (those are due from when the scheduler made them,
+# after the slot), so the claim, ordered by due time, takes it before the slot's backups still
+# waiting: a copy waits on SyncImages' own limit, not behind CreateImage's queue (at 300
+# instances that queue is half a minute).
 _SCHEDULE_COPIES = """
 INSERT INTO jobs (run_id, policy_id, account, region, instance_id, slot, image_name, deadline,
-                  kind, source_image_id, source_region)
+                  kind, source_image_id, source_region, next_attempt_at)
 SELECT j.run_id, j.policy_id, j.account, d.region, j.instance_id, j.slot, j.image_name,
-       now() + p.completion_window, 'copy', j.image_id, j.region
+       now() + p.completion_window, 'copy', j.image_id, j.region, j.slot
 FROM jobs j
 JOIN policies p ON p.id = j.policy_id
 CROSS JOIN LATERAL jsonb_to_recordset(p.copies) AS d(region text)

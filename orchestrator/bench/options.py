@@ -36,7 +36,15 @@ class Options:
     # intervals, so a CI run is not dominated by waits the default figures already show).
     daemon_settings: dict[str, float] = field(default_factory=dict)
     daemon_retry: dict[str, float] = field(default_factory=dict)
-    scenarios: tuple[str, ...] = ("baseline", "fleet", "faults", "quota", "ceiling", "memory")
+    scenarios: tuple[str, ...] = (
+        "baseline",
+        "fleet",
+        "faults",
+        "quota",
+        "copies",
+        "ceiling",
+        "memory",
+    )
     quick: bool = False
 
 

@@ -13,7 +13,7 @@ import asyncpg
 from orchestrator.bench.simside import REGION
 from orchestrator.db import policies as policy_rows
 from orchestrator.db.pool import connect_dsn
-from orchestrator.policies import Policy, Retention
+from orchestrator.policies import CopyTarget, Policy, Retention
 
 TERMINAL = ("succeeded", "failed", "expired", "skipped")
 # Long enough that today's 00:00 UTC slot is still open whenever the bench runs.
@@ -28,8 +28,10 @@ async def add_policy(
     window: timedelta,
     tags: Mapping[str, str] | None = None,
     ids: Sequence[str] = (),
+    copies: Sequence[str] = (),
 ) -> None:
-    """Store one policy through the same code as `cvm-backup policy apply`."""
+    """Store one policy through the same code as `cvm-backup policy apply` (`copies`: the
+    destination regions, each keeping 7 copies)."""
     policy = Policy(
         name=name,
         region=REGION,
@@ -39,6 +41,7 @@ async def add_policy(
         completion_window=window,
         # One image per instance per run: retention never has anything to delete here.
         retention=Retention(keep_last=7),
+        copies=tuple(CopyTarget(region, Retention(keep_last=7)) for region in copies),
     )
     conn = await connect_dsn(dsn)
     try:

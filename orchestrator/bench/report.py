@@ -32,6 +32,7 @@ TARGETS = (
         "full-quota slot / roomy slot", ("quota", "completion_ratio"), "<= 1.5", 1.5, operator.le
     ),
     Target("deletions beyond the deficit", ("quota", "extra_deletions"), "0", 0, operator.eq),
+    Target("throttled calls (copies)", ("copies", "api", "throttled"), "0", 0, operator.eq),
     Target("engine ceiling", ("ceiling", "jobs_per_second"), ">= 500", 500, operator.ge, " jobs/s"),
     Target("peak RSS", ("memory", "peak_rss_mb"), "< 150", 150, operator.lt, " MB"),
     Target(

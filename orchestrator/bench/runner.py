@@ -20,6 +20,7 @@ from typing import Any
 from orchestrator import __version__
 from orchestrator.bench import report
 from orchestrator.bench.ceiling import engine_ceiling
+from orchestrator.bench.copies import copies_at_limit
 from orchestrator.bench.database import BenchDatabase, bench_database
 from orchestrator.bench.fleet import fleet_at_limit
 from orchestrator.bench.harness import BenchError, Env
@@ -37,6 +38,7 @@ SCENARIOS: Mapping[str, tuple[str, Scenario]] = {
     "fleet": ("cvm-backup at the real limit", fleet_at_limit),
     "faults": ("SDK loop and cvm-backup with faults", with_faults),
     "quota": ("a full-quota slot beside the same slot with room", quota_rotation),
+    "copies": ("a copy of each backup in another region", copies_at_limit),
     "ceiling": ("engine ceiling, limits lifted", engine_ceiling),
     "memory": ("peak RSS with many jobs", memory_at_scale),
     "history": ("a year of history beside none", history_at_scale),

@@ -56,6 +56,7 @@ class Fleet:
     faults: Faults = field(default_factory=Faults)
     seed: int = 0
     delete_delay: float = 0.0  # how long a deleted image stays listed as DELETING
+    sync_delay: tuple[float, float] = (0.1, 0.4)  # how long a copy stays SYNCING
 
     @property
     def ids(self) -> list[str]:
@@ -73,6 +74,7 @@ class Fleet:
             default_quota=AMPLE_QUOTA,
             seed=self.seed,
             delete_delay=self.delete_delay,
+            sync_delay=self.sync_delay,
         )
 
 

@@ -13,7 +13,16 @@ from typing import Any
 
 from orchestrator.errors import UsageError
 
-SCENARIO_NAMES = ("baseline", "fleet", "faults", "quota", "ceiling", "memory", "history")
+SCENARIO_NAMES = (
+    "baseline",
+    "fleet",
+    "faults",
+    "quota",
+    "copies",
+    "ceiling",
+    "memory",
+    "history",
+)
 # Bounds against typos: the history scenario writes ~30 rows per instance and day (3,000
 # instances for 365 days is about 10 GB). Its span leaves the pruning pass days to prune
 # (history_days is at least 32).

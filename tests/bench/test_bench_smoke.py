@@ -29,6 +29,7 @@ TINY = [
 TARGET_NAMES = {
     "CreateImage utilization",
     "throttled calls (fleet)",
+    "throttled calls (copies)",
     "completion / lower bound",
     "engine ceiling",
     "peak RSS",
@@ -73,7 +74,12 @@ def test_bench_records_each_scenario(bench_run: tuple[int, dict[str, Any], str])
     """Fleet, baseline, faults, quota, ceiling and memory results carry their key figures."""
     _, doc, _ = bench_run
     results = doc["results"]
-    assert set(results) == {"baseline", "fleet", "faults", "quota", "ceiling", "memory"}
+    assert set(results) == {"baseline", "fleet", "faults", "quota", "copies", "ceiling", "memory"}
+    copies = results["copies"]
+    assert copies["copies"] == copies["instances"]
+    assert copies["jobs"] == {"succeeded": 2 * copies["instances"]}
+    assert copies["normal_to_copy_normal_seconds"]["median"] > 0
+    assert copies["api"]["violations"] == {}
     fleet = results["fleet"]
     assert fleet["instances"] == 6
     assert fleet["create_calls"] >= 6
