@@ -1,4 +1,4 @@
-"""Account leases: which replica drives each account's API traffic (DESIGN §5).
+"""Account leases: which replica drives each account's API traffic (docs/accounts.md, replicas).
 
 Each account is leased with a Postgres session-level advisory lock held on a connection of its
 own, outside the pool: the pool's reset would unlock it, and a pooled connection may be closed

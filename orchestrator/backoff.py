@@ -1,7 +1,7 @@
-"""Durable retry delays: exponential backoff with full jitter, capped (DESIGN §3, invariant 5).
+"""Durable retry delays: exponential backoff with full jitter, capped.
 
-The delay is written to `jobs.next_attempt_at`, so a retry survives a restart; in-memory retry
-lives only in the client's short in-call layer.
+The delay is written to `jobs.next_attempt_at`, so a retry survives a restart (invariant 5 of
+docs/design.md#invariants); in-memory retry lives only in the client's short in-call layer.
 """
 
 from __future__ import annotations

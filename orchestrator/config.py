@@ -1,11 +1,11 @@
 """Daemon settings: built-in defaults, then the TOML file in `CVM_BACKUP_CONFIG` (which `--config`
 sets; else /etc/cvm-backup/cvm-backup.toml when it exists), then environment.
 
-Environment beats file; file beats defaults (DESIGN §4). Every value is checked once, here, for
-its type (read from the dataclass annotations) and its range, and all problems are reported
-together as one UsageError (exit 2). Each message names the source (the file, or the environment
-variable), the field with its section (`retry.max_delay`, `accounts[2].profile`; accounts count
-from 1, like policies) and the reason. Settings are immutable afterwards.
+Environment beats file; file beats defaults (docs/design.md#config-file). Every value is checked
+once, here, for its type (read from the dataclass annotations) and its range, and all problems are
+reported together as one UsageError (exit 2). Each message names the source (the file, or the
+environment variable), the field with its section (`retry.max_delay`, `accounts[2].profile`;
+accounts count from 1, like policies) and the reason. Settings are immutable afterwards.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from orchestrator.tencent import endpoints
 
 DEFAULT_ENDPOINT = "https://cvm.tencentcloudapi.com"
 
-# Published per-second limits (reference §5; DescribeImageQuota's page says 10).
+# Published per-second limits (docs/design.md#rate-limits; DescribeImageQuota's page says 10).
 DEFAULT_LIMITS: Mapping[str, int] = {
     "CreateImage": 10,
     "DeleteImages": 10,
@@ -82,7 +82,7 @@ def _has_database(home: Path) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class RetrySettings:
-    """Durable retry budgets (DESIGN §3); seconds."""
+    """Durable retry budgets (docs/design.md#error-classes); seconds."""
 
     transient_base: float = 1.0
     busy_base: float = 15.0

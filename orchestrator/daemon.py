@@ -1,10 +1,10 @@
 """The daemon: wires scheduler, dispatcher, heartbeat and tracker; signals; graceful stop; --once.
 
-Signals only set events (style anchors §6.6). The first SIGTERM/SIGINT stops claiming, gives
-in-flight calls `shutdown_grace` seconds, releases the leases of whatever did not finish and
-exits 0; a second one exits at once (leases then lapse and the jobs are reclaimed, which is
-exactly what a crash does). Every background task is supervised: one that dies stops the
-daemon with a clear error instead of leaving it hanging half-alive.
+Signal handlers only set events; the loops do the work. The first SIGTERM/SIGINT stops claiming,
+gives in-flight calls `shutdown_grace` seconds, releases the leases of whatever did not finish and
+exits 0; a second one exits at once (leases then lapse and the jobs are reclaimed, which is exactly
+what a crash does). Every background task is supervised: one that dies stops the daemon with a clear
+error instead of leaving it hanging half-alive.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from orchestrator.scheduler import Scheduler
 log = logs.get("daemon")
 
 EXIT_OK = 0
-EXIT_JOBS_FAILED = 1  # DESIGN §4: some job ended failed or expired
+EXIT_JOBS_FAILED = 1  # docs/design.md#exit-codes: some job ended failed or expired
 EXIT_TASK_DIED = 1  # a background task died: non-zero, with daemon.task_failed logged
 EXIT_FORCED = 128 + signal.SIGTERM
 # How often --once checks whether everything is drained, and completed runs are swept.
@@ -217,7 +217,8 @@ class Engine:
         if gained:
             limiter = self.ctx.client(account).limiter
             if isinstance(limiter, Limiters):
-                # The previous holder may have just used the whole second (DESIGN §2.2).
+                # The previous holder may have just used the whole second (invariant 2,
+                # docs/design.md#invariants).
                 limiter.forget(account)
             self.dispatcher.wake.set()
             self.scheduler.leases_changed()

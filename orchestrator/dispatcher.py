@@ -1,9 +1,9 @@
 """The dispatcher: claim due jobs, call CreateImage, classify the answer, record the outcome.
 
-One job is three steps (style anchors §6.1): `claim` (one SQL statement, `jobs.claim`), `call`
+One job is three steps, each readable on its own: `claim` (one SQL statement, `jobs.claim`), `call`
 (resolve a possible earlier image by name, then CreateImage) and `record` (one transaction: the
-job's new state plus a ledger row). The rate is bounded by the client's limiter; how many calls
-are in flight at once is bounded separately by a semaphore.
+job's new state plus a ledger row). The rate is bounded by the client's limiter; how many calls are
+in flight at once is bounded separately by `max_in_flight` slots (orchestrator/slots.py).
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ from orchestrator.tencent.models import CreateImageResult, Image
 
 log = logs.get("dispatcher")
 
-# A success without ImageId (seed 002) is looked up by name; the image may take a moment to show.
+# A success without ImageId (docs/design.md#the-older-createimage-answer) is looked up by name;
+# the image may take a moment to show.
 _LEGACY_LOOKUPS = 3
 _LEGACY_LOOKUP_DELAY = 0.5
 # Claims wait until this fraction of the in-flight slots is free, then take every free one:
@@ -624,7 +625,7 @@ class Dispatcher:
         return not found
 
     async def _on_duplicate(self, job: Job, exc: TencentError, maybe_created: bool) -> None:
-        # "Already created": adopt that image, never make another (DESIGN §2.1).
+        # "Already created": adopt that image, never make another (docs/design.md#invariants, 1).
         if await self._adopt_if_found(job):
             return
         await self._backoff(job, exc, ErrorClass.TRANSIENT, "creating", outcome="duplicate_unseen")

@@ -1,4 +1,4 @@
-"""Errors the command line turns into exit codes (DESIGN §4)."""
+"""Errors the command line turns into exit codes (docs/design.md#exit-codes)."""
 
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ JOBS_DUE_CHANNEL = "cvm_backup_jobs_due"
 TERMINAL_STATES = ("succeeded", "failed", "expired", "skipped")
 
 # One statement claims due jobs and reclaims jobs whose lease expired (their owner died), so no
-# separate reaper is needed (style anchors §6.3).
+# separate reaper is needed: recovery never waits for a task that might not be running.
 _CLAIM = """
 WITH due AS (
     -- Due: released jobs whose retry time has come, or held jobs whose owner stopped renewing.
@@ -380,12 +380,13 @@ async def complete_runs(pool: asyncpg.Pool) -> list[asyncpg.Record]:
 # of its slot, before any backup of that slot (those are due from when the scheduler made them,
 # after the slot), so the claim, ordered by due time, takes it before the slot's backups still
 # waiting: a copy waits on SyncImages' own limit, not behind CreateImage's queue (at 300
-# instances that queue is half a minute).
+# instances that queue is half a minute). A slot still ahead (a run made early, as the demo
+# does) is no due time: then it is due as of its backup job's making.
 _SCHEDULE_COPIES = """
 INSERT INTO jobs (run_id, policy_id, account, region, instance_id, slot, image_name, deadline,
                   kind, source_image_id, source_region, next_attempt_at)
 SELECT j.run_id, j.policy_id, j.account, d.region, j.instance_id, j.slot, j.image_name,
-       now() + p.completion_window, 'copy', j.image_id, j.region, j.slot
+       now() + p.completion_window, 'copy', j.image_id, j.region, least(j.slot, j.created_at)
 FROM jobs j
 JOIN policies p ON p.id = j.policy_id
 CROSS JOIN LATERAL jsonb_to_recordset(p.copies) AS d(region text)

@@ -1,10 +1,11 @@
 """Per (account, action) rate limiting that no one-second window at the server can catch out.
 
-DESIGN §2 invariant 2: whatever one-second window the server counts in, it never sees more calls
-than the action's limit, also when network jitter moves calls closer together on the way. A
-leaky bucket with a burst of `limit` does not give that (reference §8: `AsyncLimiter(10, 1)`
-lets 19 through one window), so each (account, action) gets an aiolimiter bucket of just over
-one call that spaces grants evenly (`spacing`, `primed_bucket`), used by one waiter at a time.
+Invariant 2 (docs/design.md#invariants): whatever one-second window the server counts in, it never
+sees more calls than the action's limit, also when network jitter moves calls closer together on the
+way. A leaky bucket with a burst of `limit` does not give that (docs/design.md#rate-limits:
+`AsyncLimiter(10, 1)` lets 19 through one window), so each (account, action) gets an aiolimiter
+bucket of just over one call that spaces grants evenly (`spacing`, `primed_bucket`), used by one
+waiter at a time.
 
 A lane starts as if it had granted a call when its account's lease was gained (`forget`), or at
 its first use when there is no lease; so a restart or a lease takeover never bursts, and a lane
@@ -31,7 +32,7 @@ DEFAULT_JITTER = 0.02
 # How far a grant may come early to make up for the event loop waking late (epoll sleeps in whole
 # milliseconds); without it lateness accumulates and costs up to 9% of the limit at 40/s.
 DEFAULT_CATCH_UP = 0.002
-# Unknown actions get the lowest published CVM limit (reference §5) rather than none at all.
+# Unknown actions get the lowest published CVM limit (docs/design.md#rate-limits), not none.
 FALLBACK_LIMIT = 10
 # Makes the bound below strict, with about 1 ms to spare for delays between grant and send.
 _GUARD = 1.002

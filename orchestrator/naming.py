@@ -1,4 +1,4 @@
-"""Deterministic image names and the tags that mark an image as ours (DESIGN §2, invariant 1).
+"""Deterministic image names and the tags that mark an image as ours (docs/design.md#invariants, 1).
 
 CreateImage has no idempotency token, so the name is the key: one name per (policy, instance,
 slot), computed the same way by every process, before and after any crash.

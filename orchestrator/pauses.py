@@ -1,13 +1,13 @@
 """Account pauses: the `account_pauses` rows that stop the calls of a broken account or region.
 
-An account-class answer (DESIGN §3) pauses in Postgres, so the pause survives a restart and
-every replica sees it; the claim statement (`orchestrator.jobs`) skips the jobs of a paused
-scope by itself. The scope follows the code (`errors.pause_scope`): a CAM denial
-(`UnauthorizedOperation*`, `AuthFailure.UnauthorizedOperation`) can be limited to a region,
-resource or tag, so it pauses only its (account, region) (`scope_region` set); a balance or
-credential error pauses the whole account (`scope_region` NULL). The replica holding the
-account's lease probes each pause in its region when due (`orchestrator.prober`); success or
-`cvm-backup account resume` deletes the row.
+An account-class answer (docs/design.md#error-classes) pauses in Postgres, so the pause survives a
+restart and every replica sees it; the claim statement (`orchestrator.jobs`) skips the jobs of a
+paused scope by itself. The scope follows the code (`errors.pause_scope`): a CAM denial
+(`UnauthorizedOperation*`, `AuthFailure.UnauthorizedOperation`) can be limited to a region, resource
+or tag, so it pauses only its (account, region) (`scope_region` set); a balance or credential error
+pauses the whole account (`scope_region` NULL). The replica holding the account's lease probes each
+pause in its region when due (`orchestrator.prober`); success or `cvm-backup account resume` deletes
+the row.
 """
 
 from __future__ import annotations

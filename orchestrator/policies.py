@@ -1,4 +1,6 @@
-"""Backup policies: the model, validation, the TOML file format (DESIGN §4), diffs and cron slots.
+"""Backup policies: the model, validation, the TOML file format, diffs and cron slots.
+
+The file format is an outside contract (docs/design.md#policy-file).
 
 A policy read from the `policies` table goes through the same validation as one read from a
 file, so a row written with plain SQL is exactly as valid as an applied file.
@@ -37,8 +39,8 @@ INSTANCE_ID_RE = re.compile(r"ins-[a-z0-9]{1,32}")
 DURATION_RE = re.compile(r"(?:[0-9]{1,9}[dhms]){1,4}")
 _DURATION_UNITS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
 _LONGEST_DURATION = 10_000 * 86400
-# Upper bounds (DESIGN §4). Each keeps date arithmetic far from datetime's limits, and Migration
-# 0006 holds the same numbers as CHECK constraints.
+# Upper bounds (docs/design.md#policy-file). Each keeps date arithmetic far from datetime's limits,
+# and Migration 0006 holds the same numbers as CHECK constraints.
 MAX_WINDOW = timedelta(days=31)
 MAX_KEEP = 10_000
 MAX_AGE_DAYS = 36_500
@@ -51,8 +53,8 @@ MAX_TAG_VALUE = 255
 # Cross-region copies: AWS DLM's limit, and each destination is a SyncImages call per backup.
 MAX_COPIES = 3
 ON_QUOTA = ("rotate", "fail")
-# DescribeInstances takes at most 10 filters (reference §3.5) and each tag is one `tag:KEY`
-# filter; one stays free for the query itself. Migration 0004 holds the same limit in SQL.
+# DescribeInstances takes at most 10 filters (docs/design.md#filters-and-paging) and each tag is one
+# `tag:KEY` filter; one stays free for the query itself. Migration 0004 holds the same limit in SQL.
 MAX_INSTANCE_TAGS = 9
 KEEP_RULES = ("keep_last", "keep_daily", "keep_weekly", "keep_monthly", "keep_yearly")
 
@@ -516,7 +518,7 @@ def parse_text(text: str, where: str) -> list[Policy]:
 
 
 def load_file(path: Path) -> list[Policy]:
-    """Policies from a TOML file (DESIGN §4); raises PolicyError listing every problem."""
+    """Policies from a TOML file (docs/design.md#policy-file); PolicyError lists every problem."""
     try:
         data = path.read_bytes()
     except OSError as exc:

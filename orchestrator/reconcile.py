@@ -1,8 +1,8 @@
 """Reconciliation: the `images` table rebuilt and kept true from what the cloud lists.
 
-The table is the authority on which images are ours (invariant 3), so a lost database would
-orphan every image: retention would never delete them and quota rotation never evict them.
-Reconciliation lists the private images of every (account, region) our policies or image rows
+The table is the authority on which images are ours (docs/design.md#invariants, 3), so a lost
+database would orphan every image: retention would never delete them and quota rotation never evict
+them. Reconciliation lists the private images of every (account, region) our policies or image rows
 use and, per region:
 
 - adopts an image the table does not know when its tags prove this deployment made it under a
@@ -10,9 +10,9 @@ use and, per region:
   (`naming.origin`): a row with no job and the listed state, and an `image.adopted_by_reconcile`
   event;
 - marks a row whose image is no longer listed as deleted outside (`gone_outside`, with an
-  `image.gone_outside` event), so a vanished image stops counting as an instance's newest good
-  one. Not listed is "not yet" for a new image (reference §9), so only rows older than a margin
-  and past CREATING qualify, each confirmed absent by id as well; a row with a deletion in
+  `image.gone_outside` event), so a vanished image stops counting as an instance's newest good one.
+  Not listed is "not yet" for a new image (docs/design.md#listing-lag), so only rows older than a
+  margin and past CREATING qualify, each confirmed absent by id as well; a row with a deletion in
   flight belongs to the rotation and is never touched;
 - refreshes the state of NORMAL rows (and of rows without a job, which no tracker follows) from
   the listing: NORMAL -> CREATEFAILED, or DELETING when someone else is deleting it;

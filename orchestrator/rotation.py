@@ -2,12 +2,12 @@
 
 A deletion is (1) an intent committed to `images` (delete_requested_at, delete_reason) and to
 `events`, then (2) DeleteImages (delete_sent_at once it answered), then (3) the confirmation
-(deleted_at, another event) once DescribeImages no longer lists the image. On the real API a
-deleted image stays listed as DELETING for a while, holding its quota and its name (reference
-§9), so an answer to DeleteImages frees nothing yet (`confirm_deletions`). A crash between (1)
-and (2) leaves an intent the next sweep or rotation of that region re-issues
-(InvalidImageId.NotFound then means "already gone": confirmed); a sent deletion is never sent
-again, only followed.
+(deleted_at, another event) once DescribeImages no longer lists the image. On the real API a deleted
+image stays listed as DELETING for a while, holding its quota and its name
+(docs/design.md#delete-delay), so an answer to DeleteImages frees nothing yet (`confirm_deletions`).
+A crash between (1) and (2) leaves an intent the next sweep or rotation of that region re-issues
+(InvalidImageId.NotFound then means "already gone": confirmed); a sent deletion is never sent again,
+only followed.
 
 Every deleting path holds the region's delete lock: an asyncio lock within the process plus a
 Postgres session advisory lock across replicas, so only one rotation or sweep per

@@ -37,11 +37,11 @@ CHANNEL = "cvm_backup_policy_changed"
 # How far past a slot the loop wakes: enough for timer rounding (epoll counts whole ms), and a
 # wake-up that still comes early just sleeps the rest. Every ms of it delays the first call.
 _SLOT_PAD = 0.005
-# No resource of the account carries a filtered tag key yet (reference §9): no instance can
-# match, which is an answer (no targets), not a failure.
+# No resource of the account carries a filtered tag key yet (docs/design.md#filters-and-paging): no
+# instance can match, which is an answer (no targets), not a failure.
 TAG_KEY_NOT_FOUND = "InvalidParameterValue.TagKeyNotFound"
-# An unknown region answers InvalidParameterValue naming `Region`; an action a region lacks
-# answers UnsupportedRegion (reference §9). Neither gets better by asking again in the slot.
+# An unknown region answers InvalidParameterValue naming `Region`; an action a region lacks answers
+# UnsupportedRegion (docs/design.md#regions). Neither gets better by asking again in the slot.
 _REGION_CODES = frozenset({"UnsupportedRegion", "InvalidRegion.NotFound"})
 _NAMES_REGION = re.compile(r"\bRegion\b")
 REGION_REFUSED = "schedule.region_refused"

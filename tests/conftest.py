@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 
-# Tests talk only to loopback; the official SDK reads proxy variables itself (reference §1.4).
+# Tests talk only to loopback; the official SDK reads proxy variables itself
+# (docs/design.md#proxy-variables).
 for _var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
     os.environ.pop(_var, None)
 

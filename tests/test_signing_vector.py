@@ -1,4 +1,7 @@
-"""The known TC3 test vector from the reference."""
+"""A known TC3 test vector, computed with the official SDK's own signing code.
+
+How we sign: docs/design.md#signing.
+"""
 
 from __future__ import annotations
 

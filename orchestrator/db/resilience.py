@@ -1,13 +1,13 @@
 """Riding out database outages: which errors mean "Postgres is away", and a per-loop watch.
 
 A Postgres restart shows up in several guises: queries cut off mid-flight (AdminShutdown,
-ConnectionDoesNotExist), a pool handing out a connection that just died ("connection is
-closed"), refused sockets while the server is down, and "the database system is starting up"
-while it comes back. All of them are transient for a daemon: nothing it wrote is lost (every
-write is one transaction), and work whose outcome could not be recorded stays claimed until its
-lease lapses, after which it is reclaimed and resolved by name (invariant 3). So each loop
-waits the outage out with `DbWatch` instead of dying; every other error still propagates and
-stops the daemon, as a bug should.
+ConnectionDoesNotExist), a pool handing out a connection that just died ("connection is closed"),
+refused sockets while the server is down, and "the database system is starting up" while it comes
+back. All of them are transient for a daemon: nothing it wrote is lost (every write is one
+transaction), and work whose outcome could not be recorded stays claimed until its lease lapses,
+after which it is reclaimed and resolved by name (docs/design.md#invariants, 1 and 6). So each loop
+waits the outage out with `DbWatch` instead of dying; every other error still propagates and stops
+the daemon, as a bug should.
 """
 
 from __future__ import annotations

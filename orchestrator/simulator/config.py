@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-# Published per-second limits (reference §5).
+# Published per-second limits (docs/design.md#rate-limits).
 DEFAULT_LIMITS: Mapping[str, int] = {
     "CreateImage": 10,
     "DeleteImages": 10,
@@ -137,7 +137,8 @@ class SimConfig:
     seed: int = 0
     legacy: bool = False
     clock_skew: float = 300.0
-    # The real API's eventual consistency (reference §9), off by default:
+    # The real API's eventual consistency (docs/design.md#delete-delay, #listing-lag), off by
+    # default:
     # - delete_delay: seconds a deleted image stays listed as DELETING, still holding its quota
     #   slot and its name, before it disappears;
     # - list_lag: seconds a new image is absent from DescribeImages after CreateImage answered,
@@ -152,7 +153,7 @@ class SimConfig:
     # DescribeInstances `tag:KEY` filters answer InvalidParameterValue.TagKeyNotFound when no
     # resource of the account carries KEY, as the real tag service does.
     check_tag_keys: bool = False
-    # SyncImages (reference §10; sync_images.py says which parts are the real API's):
+    # SyncImages (docs/design.md#syncimages; sync_images.py says which parts are the real API's):
     # - sync_delay: seconds a copy stays SYNCING in its destination (uniform range) while its
     #   SyncPercent rises, before it is NORMAL;
     # - sync_copies_tags: a copy carries the source's tags. Undocumented for the real API, so

@@ -215,5 +215,5 @@ def create_image(ctx: CallContext, body: Json) -> Json:
     if request.dry_run:
         raise ApiError("DryRunOperation", "Request would have succeeded, but DryRun flag is set.")
     image = _make(ctx, request, record)
-    # The older API (seed 002) answered with the RequestId only.
+    # The older API answered with the RequestId only (docs/design.md#the-older-createimage-answer).
     return {} if image.legacy else {"ImageId": image.image_id}

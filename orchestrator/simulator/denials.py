@@ -1,14 +1,15 @@
 """Refusals injected by tests: CAM denials and account-wide stops, scoped like CAM policies.
 
-CAM can allow an action in one region and not another (reference §9), so a refusal is keyed by
-(account, region, action), where a None account or region means "every one".
+CAM can allow an action in one region and not another (docs/design.md#cam-scoping), so a refusal is
+keyed by (account, region, action), where a None account or region means "every one".
 """
 
 from __future__ import annotations
 
 Scope = tuple[str | None, str | None, str]
 
-# Messages of the refusals (reference §4); CAM denials get one naming the action and region.
+# Messages of the refusals, worded as the real API words them; CAM denials get one naming the
+# action and region.
 MESSAGES = {
     "InvalidAccount.InsufficientBalance": "Insufficient account balance.",
 }

@@ -9,7 +9,7 @@ from typing import Any
 from orchestrator.simulator.config import SimInstance
 
 # States in which DeleteImages refuses an image (Chinese DeleteImages docstring); DELETING is
-# refused too: a listed-but-deleting image must not be deleted again (reference §9).
+# refused too: a listed-but-deleting image must not be deleted again (docs/design.md#delete-delay).
 UNDELETABLE = frozenset({"CREATING", "SYNCING", "IMPORTING", "DELETING"})
 SYNCING = "SYNCING"
 

@@ -1,4 +1,8 @@
-"""Which regions the simulator serves, and which actions each region offers (reference §9)."""
+"""Which regions the simulator serves, and which actions each region offers.
+
+As on the real API (docs/design.md#regions): an unknown region answers InvalidParameterValue, an
+action a region lacks UnsupportedRegion.
+"""
 
 from __future__ import annotations
 

@@ -37,7 +37,8 @@ ACTIONS: dict[str, Action] = {
     "DescribeInstances": describe_instances,
     "SyncImages": sync_images,
 }
-# Exactly this: the SDK ignores error bodies served with any other Content-Type (reference §1.5).
+# Exactly this: the SDK ignores error bodies served with any other Content-Type
+# (docs/design.md#answers).
 JSON_HEADERS = {"Content-Type": "application/json"}
 API_VERSION = "2017-03-12"
 DROPPED = "DROPPED"
@@ -128,7 +129,8 @@ class ApiHandler:
         else:
             answer, code = _answer(fields, call.request_id), "OK"
         if decision.fault is not None:
-            # The work is done; the client only learns of a failure (reference §2, crash tests).
+            # The work is done; the client only learns of a failure, as when a real answer is
+            # lost (docs/design.md#retries-in-the-official-sdk): what the crash tests need.
             return self._inject(call, decision.fault)
         self._record(call, code)
         return answer

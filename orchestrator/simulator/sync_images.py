@@ -1,4 +1,4 @@
-"""SyncImages: copy a custom image to other regions (reference §10).
+"""SyncImages: copy a custom image to other regions (docs/design.md#syncimages).
 
 What the real API documents, and the simulator does: one NORMAL custom image per call
 (`InvalidImageId.IncorrectState` otherwise), destinations that are known regions and not the

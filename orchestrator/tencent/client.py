@@ -1,9 +1,9 @@
 """The async CVM API client: one aiohttp session, TC3-signed calls, a short in-call retry layer.
 
-In-call retries are deliberately short and bounded (DESIGN §2.5): durable retries live in
-Postgres. A throttled call was not executed, so it is retried for every action. Other transient
-failures are retried here only for read-only `Describe*` actions: a dropped CreateImage (or
-SyncImages) may have made the image (or the copy), and only the engine, which resolves by name,
+In-call retries are deliberately short and bounded (docs/design.md#invariants, 5): durable retries
+live in Postgres. A throttled call was not executed, so it is retried for every action. Other
+transient failures are retried here only for read-only `Describe*` actions: a dropped CreateImage
+(or SyncImages) may have made the image (or the copy), and only the engine, which resolves by name,
 may decide to call again.
 """
 

@@ -1,4 +1,7 @@
-"""Tencent Cloud error codes, grouped into the classes the engine branches on (DESIGN §3)."""
+"""Tencent Cloud error codes, grouped into the classes the engine branches on.
+
+The table and what each class does to a job: docs/design.md#error-classes.
+"""
 
 from __future__ import annotations
 
@@ -26,8 +29,9 @@ _EXACT: dict[str, ErrorClass] = {
     "UnsupportedOperation.InstanceStateRebooting": ErrorClass.BUSY,
     "UnsupportedOperation.InstanceStateStopping": ErrorClass.BUSY,
     "UnsupportedOperation.InstanceStateStarting": ErrorClass.BUSY,
-    # Short-lived states (reference §9): rescue mode is an operator's few minutes, live
-    # migration and freezing are the platform's; the instance comes back by itself.
+    # Short-lived states (docs/design.md#short-lived-instance-states): rescue mode is an operator's
+    # few minutes, live migration and freezing are the platform's; the instance comes back by
+    # itself.
     "UnsupportedOperation.InstanceStateEnterRescueMode": ErrorClass.BUSY,
     "UnsupportedOperation.InstanceStateRescueMode": ErrorClass.BUSY,
     "UnsupportedOperation.InstanceStateExitRescueMode": ErrorClass.BUSY,
@@ -66,8 +70,8 @@ class PauseScope(enum.StrEnum):
     REGION = "region"  # a CAM denial: only the (account, region) it came from
 
 
-# CAM policies can be scoped per region, resource and tag (reference §9): a denial in one
-# region says nothing about the others. These UnauthorizedOperation codes are about the
+# CAM policies can be scoped per region, resource and tag (docs/design.md#cam-scoping): a denial in
+# one region says nothing about the others. These UnauthorizedOperation codes are about the
 # credentials themselves (a session token, MFA), not a policy, so they stop the whole account.
 _CREDENTIAL_DENIALS = frozenset(
     {
@@ -76,7 +80,8 @@ _CREDENTIAL_DENIALS = frozenset(
         "UnauthorizedOperation.MFANotFound",
     }
 )
-# The common code of a CAM denial (reference §4.3), classed with AuthFailure.* by its prefix.
+# The common code of a CAM denial (an API 3.0 common error code), classed with AuthFailure.* by
+# its prefix.
 _CAM_AUTH_FAILURE = "AuthFailure.UnauthorizedOperation"
 # The request's timestamp is too far from the server's clock: the clock is wrong, not the keys.
 SIGNATURE_EXPIRE = "AuthFailure.SignatureExpire"
@@ -92,9 +97,9 @@ def pause_scope(code: str) -> PauseScope:
 
 
 SYNC_IMAGES = "SyncImages"
-# SyncImages' own meanings (reference §10), over the table above: the call names a source image
-# and destination regions, not an instance. Call it with one destination so that a refusal
-# belongs to that destination alone.
+# SyncImages' own meanings (docs/design.md#syncimages), over the table above: the call names a
+# source image and destination regions, not an instance. Call it with one destination so that a
+# refusal belongs to that destination alone.
 _BY_ACTION: dict[str, dict[str, ErrorClass]] = {
     SYNC_IMAGES: {
         # The source is not NORMAL yet (or is busy with another operation): it gets there.

@@ -35,7 +35,10 @@ class Filter:
 
 @dataclass(frozen=True, slots=True)
 class CreateImageResult:
-    """A CreateImage success; `image_id` is None for the older API (seed 002): resolve by name."""
+    """A CreateImage success; `image_id` is None for the older API: resolve by name.
+
+    docs/design.md#the-older-createimage-answer.
+    """
 
     image_id: str | None
     request_id: str
@@ -96,7 +99,7 @@ class ImagePage:
 
 
 # CreateImage takes only cloud disks in DataDiskIds; local ones (LOCAL_BASIC, LOCAL_SSD,
-# `ldisk-...`) answer InvalidParameter.LocalDataDiskNotSupport (reference §9).
+# `ldisk-...`) answer InvalidParameter.LocalDataDiskNotSupport (docs/design.md#local-disks).
 CLOUD_DISK_PREFIX = "CLOUD_"
 
 

@@ -2,7 +2,7 @@
 
 Every failure becomes a TencentError: HTTP status other than 200 is `ServerNetworkError`, a
 failed or dropped connection or a timeout is `ClientNetworkError`, and a 200 whose body is not a
-Tencent answer is `InvalidResponse` (all transient, DESIGN §3).
+Tencent answer is `InvalidResponse` (all transient: docs/design.md#error-classes).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The real API's less kind behaviours (reference §9), as the simulator serves them over HTTP.
+"""The real API's less kind behaviours (docs/design.md#tencent-cloud-api-notes), over HTTP.
 
 Timed transitions run on an injected monotonic clock (`FrozenClock`) that moves only when a
 test advances it, so nothing here sleeps or depends on how fast the machine is.

@@ -133,7 +133,7 @@ async def test_describe_instances_same_values(
 async def test_create_image_same_values(
     client: CvmClient, fake: f.FakeApi, sdk: SdkCvmClient, fields: dict[str, Any]
 ) -> None:
-    """CreateImage: the same ImageId (or the same absence of one, seed 002) and request id."""
+    """CreateImage: the same ImageId (or the same absence of one, the older API) and request id."""
     _serve(fake, "CreateImage", fields)
     ours = await client.create_image("ap-guangzhou", instance_id="ins-1", name="n")
     theirs = await _sdk_call(sdk, "CreateImage", InstanceId="ins-1", ImageName="n")

@@ -1,4 +1,6 @@
-"""How our client reads the real API's less kind answers (reference §9): states, disks, codes."""
+"""How our client reads the real API's less kind answers: states, disks, codes.
+
+The behaviours are listed in docs/design.md#tencent-cloud-api-notes."""
 
 from __future__ import annotations
 
