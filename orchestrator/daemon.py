@@ -28,8 +28,8 @@ from orchestrator import jobs, logs, pauses, reconcile, sweep
 from orchestrator.accounts import AccountLeases
 from orchestrator.config import Settings
 from orchestrator.context import EngineContext
-from orchestrator.db.resilience import DbWatch
-from orchestrator.dispatcher import DB_BLIPS, Dispatcher
+from orchestrator.db.resilience import DB_ERRORS, DbWatch
+from orchestrator.dispatcher import Dispatcher
 from orchestrator.limiter import Limiters
 from orchestrator.notify.task import Notifier
 from orchestrator.pauses import ProbeTimings
@@ -298,7 +298,7 @@ class Engine:
         await asyncio.gather(*beat, return_exceptions=True)
         try:
             await self._complete_runs()
-        except (asyncpg.PostgresError, *DB_BLIPS) as exc:
+        except DB_ERRORS as exc:
             # The next daemon's sweeper completes them; stopping cleanly matters more.
             log.warning("sweeper.db_error", error=repr(exc))
         log.info("daemon.stopped", released=len(released), failed_tasks=self._failed)

@@ -33,14 +33,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import asyncpg
 import structlog
 
 from orchestrator import jobs as job_rows
-from orchestrator import logs, pauses, retention, rotation, sweep
+from orchestrator import logs, pauses, retention, rotation, sweep, waits
 from orchestrator.config import DEFAULT_LIMITS, Settings
 from orchestrator.context import EngineContext
-from orchestrator.db.resilience import DbWatch
+from orchestrator.db.resilience import DB_ERRORS, DbWatch
 from orchestrator.rotation import Conn, LiveImage
 from orchestrator.tencent.errors import ErrorClass, TencentError
 from orchestrator.tencent.models import Image
@@ -715,19 +714,14 @@ async def run(ctx: EngineContext, stop: asyncio.Event, held: Held = None) -> Non
                     # A deletion is done, and its quota free, once the image is gone.
                     await rotation.confirm_everywhere(ctx, _driven(ctx, held))
                     confirm_at = loop.time() + CONFIRM_TICKS * ctx.settings.tracker_min_interval
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+        except DB_ERRORS as exc:
             # A statement failed (a deadlock, say); the next tick tries again.
             log.warning("tracker.poll_failed", error=repr(exc))
             cadence.due = max(cadence.due, loop.time() + ctx.settings.tracker_min_interval)
         # Between polls the loop only looks for new images, once a tick: polling is CPU the
         # dispatcher shares (one event loop).
-        await _sleep(stop, cadence.pause(loop.time(), ctx.settings.tracker_min_interval))
+        await waits.pause(stop, cadence.pause(loop.time(), ctx.settings.tracker_min_interval))
 
 
 def _driven(ctx: EngineContext, held: Held) -> Collection[str]:
     return ctx.clients.keys() if held is None else held()
-
-
-async def _sleep(stop: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), seconds)

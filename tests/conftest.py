@@ -9,4 +9,10 @@ import os
 for _var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
     os.environ.pop(_var, None)
 
-pytest_plugins = ["tests.fixtures.pg", "tests.fixtures.sim"]
+# Modules of tests/fixtures that define fixtures; the others hold plain helpers to import.
+pytest_plugins = [
+    "tests.fixtures.pg",
+    "tests.fixtures.sim",
+    "tests.fixtures.engine",
+    "tests.fixtures.logs",
+]

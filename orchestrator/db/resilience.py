@@ -13,12 +13,11 @@ the daemon, as a bug should.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from types import TracebackType
 
 import asyncpg
 
-from orchestrator import logs
+from orchestrator import logs, waits
 from orchestrator.db.pool import DatabaseUnavailable
 
 log = logs.get("db")
@@ -41,6 +40,13 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     TimeoutError,  # connecting timed out
 )
 _CLOSED_HINTS = ("connection is closed", "connection was closed", "pool is closing")
+# Any failed statement as well as a lost connection: what a step that may fail on its own (one
+# tracker tick, a clean-up on the way out) catches and logs; a bug in our code still propagates.
+DB_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    *CONNECTION_ERRORS,
+)
 
 
 def is_connection_error(exc: BaseException) -> bool:
@@ -107,8 +113,7 @@ class DbWatch:
         if self.stop is None:
             await asyncio.sleep(seconds)
             return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.stop.wait(), timeout=seconds)
+        await waits.pause(self.stop, seconds)
 
     async def __aenter__(self) -> DbWatch:
         return self

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,45 +13,20 @@ from orchestrator.accounts import LOCK_NAMESPACE, lock_key
 from orchestrator.simulator.config import SimConfig
 from orchestrator.simulator.fleet import generate_fleet
 from orchestrator.simulator.runner import Simulator
-from tests.engine.conftest import (
-    DaemonProcess,
-    assert_sim_clean,
-    config_toml,
-    daemon_env,
-    fast_settings,
-    insert_policy,
-    wait_for,
-)
-from tests.fixtures.sim import TEST_REGION, make_sim_config
+from tests.fixtures.daemon import DaemonProcess, daemon_process
+from tests.fixtures.engine import insert_policy
+from tests.fixtures.polling import wait_for
+from tests.fixtures.sim import TEST_REGION, assert_sim_clean, make_sim_config
 
 FLEET = generate_fleet(8, regions=(TEST_REGION,), seed=17)
+# Long on purpose: the daemon must learn of the new run by NOTIFY.
+NOTIFY_ONLY_POLL = 30.0
 
 
 @pytest.fixture
 def sim_config() -> SimConfig:
     """Eight instances, quick builds."""
     return replace(make_sim_config(), instances=FLEET, create_delay=(0.1, 0.3), seed=17)
-
-
-@pytest.fixture
-async def reaped() -> AsyncIterator[list[DaemonProcess]]:
-    """Processes the test starts, killed at teardown whatever the test's outcome."""
-    started: list[DaemonProcess] = []
-    yield started
-    for process in started:
-        await process.kill()
-
-
-def _process(
-    pg_dsn: str, simulator: Simulator, tmp_path: Path, name: str, reaped: list[DaemonProcess]
-) -> DaemonProcess:
-    # poll_interval is long on purpose: the daemon must learn of the new run by NOTIFY.
-    settings = fast_settings(pg_dsn, simulator.url, poll_interval=30.0, shutdown_grace=3.0)
-    config = config_toml(settings, tmp_path / f"{name}.toml")
-    env = daemon_env(pg_dsn, simulator.url, config, tmp_path)
-    process = DaemonProcess(env, tmp_path / f"{name}.log")
-    reaped.append(process)
-    return process
 
 
 async def _manual_policy(pool: asyncpg.Pool) -> None:
@@ -76,14 +50,18 @@ async def test_backup_now_wait_leaves_the_calls_to_the_daemon_holding_the_lease(
 ) -> None:
     """With a daemon holding the account, --wait only waits: the daemon drives the run."""
     await _manual_policy(pg_pool)
-    daemon = _process(pg_dsn, simulator, tmp_path, "daemon", reaped)
+    daemon = daemon_process(
+        pg_dsn, simulator.url, tmp_path, "daemon", reaped, poll_interval=NOTIFY_ONLY_POLL
+    )
     await daemon.start("run")
 
     async def leased() -> bool:
         return _count(daemon, "account.lease_acquired") > 0
 
     await wait_for(leased, within=30)
-    cli = _process(pg_dsn, simulator, tmp_path, "cli", reaped)
+    cli = daemon_process(
+        pg_dsn, simulator.url, tmp_path, "cli", reaped, poll_interval=NOTIFY_ONLY_POLL
+    )
     await cli.start("backup-now", "manual", "--wait")
     # Well inside the daemon's 30 s poll: the new run's NOTIFY is what wakes it.
     assert await cli.wait(within=20) == 0, cli.stderr()
@@ -110,7 +88,9 @@ async def test_backup_now_wait_calls_nothing_until_it_holds_the_account(
             "SELECT pg_try_advisory_lock($1, hashtext($2))", LOCK_NAMESPACE, lock_key("default")
         )
         assert taken
-        cli = _process(pg_dsn, simulator, tmp_path, "cli", reaped)
+        cli = daemon_process(
+            pg_dsn, simulator.url, tmp_path, "cli", reaped, poll_interval=NOTIFY_ONLY_POLL
+        )
         await cli.start("backup-now", "manual", "--wait")
 
         async def started() -> bool:

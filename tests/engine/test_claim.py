@@ -11,7 +11,7 @@ from orchestrator import jobs, pauses, scheduler
 from orchestrator.db import policies as policy_rows
 from orchestrator.scheduler import Targets
 from orchestrator.tencent.errors import TencentError
-from tests.engine.conftest import insert_policy
+from tests.fixtures.engine import insert_policy
 
 IDS = tuple(f"ins-claim{i:03d}" for i in range(10))
 

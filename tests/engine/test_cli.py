@@ -11,13 +11,8 @@ import asyncpg
 import pytest
 
 from orchestrator.simulator.runner import Simulator
-from tests.engine.conftest import (
-    DaemonProcess,
-    config_toml,
-    daemon_env,
-    fast_settings,
-    insert_policy,
-)
+from tests.fixtures.daemon import DaemonProcess, config_toml, daemon_env
+from tests.fixtures.engine import fast_settings, insert_policy
 
 
 def _daemon(dsn: str, simulator: Simulator, tmp_path: Path) -> DaemonProcess:

@@ -15,8 +15,8 @@ from orchestrator.context import EngineContext
 from orchestrator.simulator.config import Faults, SimConfig, SimImageSeed
 from orchestrator.simulator.records import SimImage
 from orchestrator.simulator.runner import Simulator
-from tests.engine.conftest import assert_sim_clean, drain, insert_policy
-from tests.fixtures.sim import TEST_QUOTA, TEST_REGION, make_sim_config
+from tests.fixtures.engine import drain, insert_policy
+from tests.fixtures.sim import TEST_QUOTA, TEST_REGION, assert_sim_clean, make_sim_config
 
 DESTINATION = "ap-shanghai"
 

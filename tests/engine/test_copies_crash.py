@@ -17,16 +17,10 @@ from orchestrator import naming
 from orchestrator.simulator.config import Faults, SimConfig
 from orchestrator.simulator.fleet import generate_fleet
 from orchestrator.simulator.runner import Simulator
-from tests.engine.conftest import (
-    DaemonProcess,
-    assert_sim_clean,
-    config_toml,
-    daemon_env,
-    fast_settings,
-    insert_policy,
-    wait_for,
-)
-from tests.fixtures.sim import TEST_QUOTA, TEST_REGION, make_sim_config
+from tests.fixtures.daemon import DaemonProcess, config_toml, daemon_env
+from tests.fixtures.engine import fast_settings, insert_policy
+from tests.fixtures.polling import wait_for
+from tests.fixtures.sim import TEST_QUOTA, TEST_REGION, assert_sim_clean, make_sim_config
 
 FLEET_SIZE = 12
 KILLS = 4

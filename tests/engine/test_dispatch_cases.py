@@ -18,15 +18,10 @@ from orchestrator.simulator.config import Faults
 from orchestrator.simulator.runner import Simulator
 from orchestrator.tencent.client import CvmClient
 from orchestrator.tencent.credentials import Credentials, StaticCredentials
-from tests.engine.conftest import (
-    LogCapture,
-    assert_sim_clean,
-    drain,
-    insert_policy,
-    job_states,
-    wait_for,
-)
-from tests.fixtures.sim import TEST_REGION, TEST_SECRET_ID
+from tests.fixtures.engine import drain, insert_policy, job_states
+from tests.fixtures.logs import LogCapture
+from tests.fixtures.polling import wait_for
+from tests.fixtures.sim import TEST_REGION, TEST_SECRET_ID, assert_sim_clean
 
 
 async def _run(

@@ -13,7 +13,9 @@ import pytest
 
 from orchestrator.simulator.config import SimConfig
 from orchestrator.simulator.runner import Simulator
-from tests.engine.conftest import DaemonProcess, config_toml, daemon_env, fast_settings, wait_for
+from tests.fixtures.daemon import DaemonProcess, config_toml, daemon_env
+from tests.fixtures.engine import fast_settings
+from tests.fixtures.polling import wait_for
 from tests.fixtures.sim import TEST_REGION, make_sim_config
 
 # Every limit at its documented maximum (orchestrator/policies.py MAX_*), beside a normal policy.

@@ -16,8 +16,8 @@ from orchestrator.db import pool
 from orchestrator.simulator.config import SimConfig
 from orchestrator.simulator.fleet import generate_fleet
 from orchestrator.simulator.runner import Simulator
-from tests.engine.conftest import assert_sim_clean, drain, insert_policy
-from tests.fixtures.sim import FOREIGN_IMAGE, TEST_REGION, make_sim_config
+from tests.fixtures.engine import drain, insert_policy
+from tests.fixtures.sim import FOREIGN_IMAGE, TEST_REGION, assert_sim_clean, make_sim_config
 
 INSTANCES = 24
 ROOM = 6

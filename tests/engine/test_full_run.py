@@ -11,18 +11,14 @@ from orchestrator import naming
 from orchestrator.context import EngineContext
 from orchestrator.simulator.config import Faults, SimConfig, SimInstance
 from orchestrator.simulator.runner import Simulator
-from tests.engine.conftest import (
-    LogCapture,
-    assert_sim_clean,
-    drain,
-    insert_policy,
-    job_states,
-)
+from tests.fixtures.engine import drain, insert_policy, job_states
+from tests.fixtures.logs import LogCapture
 from tests.fixtures.sim import (
     FOREIGN_IMAGE,
     TEST_REGION,
     TEST_SECRET_ID,
     TEST_SECRET_KEY,
+    assert_sim_clean,
     make_sim_config,
 )
 

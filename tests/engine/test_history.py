@@ -18,7 +18,8 @@ from orchestrator.context import EngineContext
 from orchestrator.daemon import Engine, Signals
 from orchestrator.db import pool as db_pool
 from orchestrator.errors import UsageError
-from tests.engine.conftest import LogCapture, wait_for
+from tests.fixtures.logs import LogCapture
+from tests.fixtures.polling import wait_for
 
 # Four instances backed up daily for 100 days; pruning keeps 40 of them. Over 100 days the
 # monthly and weekly rules always keep an image 41 days old or older (checked for every day of

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,16 +13,10 @@ import pytest
 from orchestrator.simulator.config import SimConfig
 from orchestrator.simulator.fleet import generate_fleet
 from orchestrator.simulator.runner import Simulator
-from tests.engine.conftest import (
-    DaemonProcess,
-    assert_sim_clean,
-    config_toml,
-    daemon_env,
-    fast_settings,
-    insert_policy,
-    wait_for,
-)
-from tests.fixtures.sim import TEST_REGION, make_sim_config
+from tests.fixtures.daemon import DaemonProcess, daemon_process
+from tests.fixtures.engine import insert_policy
+from tests.fixtures.polling import wait_for
+from tests.fixtures.sim import TEST_REGION, assert_sim_clean, make_sim_config
 
 FLEET = generate_fleet(6, regions=(TEST_REGION,), seed=23)
 LIST_LAG = 40.0  # a new image is missing from DescribeImages this long; its name is taken
@@ -40,24 +33,6 @@ def sim_config() -> SimConfig:
         delete_delay=2.0,
         seed=23,
     )
-
-
-@pytest.fixture
-async def reaped() -> AsyncIterator[list[DaemonProcess]]:
-    """Processes the test starts, killed at teardown whatever the test's outcome."""
-    started: list[DaemonProcess] = []
-    yield started
-    for process in started:
-        await process.kill()
-
-
-def _process(
-    pg_dsn: str, simulator: Simulator, tmp_path: Path, name: str, reaped: list[DaemonProcess]
-) -> DaemonProcess:
-    config = config_toml(fast_settings(pg_dsn, simulator.url), tmp_path / f"{name}.toml")
-    process = DaemonProcess(daemon_env(pg_dsn, simulator.url, config, tmp_path), tmp_path / name)
-    reaped.append(process)
-    return process
 
 
 async def _same_minute_ahead() -> None:
@@ -80,7 +55,7 @@ async def test_a_crash_under_listing_lag_is_finished_by_the_next_backup_now(
         pg_pool, "lag", instance_tags={"backup": "daily"}, schedule="0 0 1 1 *", window="1 hour"
     )
     await _same_minute_ahead()
-    first = _process(pg_dsn, simulator, tmp_path, "first", reaped)
+    first = daemon_process(pg_dsn, simulator.url, tmp_path, "first", reaped)
     await first.start("backup-now", "lag", "--wait")
 
     async def created() -> bool:
@@ -89,7 +64,7 @@ async def test_a_crash_under_listing_lag_is_finished_by_the_next_backup_now(
     await wait_for(created, within=30)
     await asyncio.sleep(1.0)
     await first.kill()
-    second = _process(pg_dsn, simulator, tmp_path, "second", reaped)
+    second = daemon_process(pg_dsn, simulator.url, tmp_path, "second", reaped)
     await second.start("backup-now", "lag", "--wait")
     assert await second.wait(within=LIST_LAG + 60) == 0, second.stderr()[-3000:]
     images = [i for i in simulator.state.iter_ours() if i.alive]
@@ -97,7 +72,7 @@ async def test_a_crash_under_listing_lag_is_finished_by_the_next_backup_now(
     rows = await pg_pool.fetch("SELECT j.image_id, j.state FROM jobs j")
     assert {r["state"] for r in rows} == {"succeeded"}
     assert {r["image_id"] for r in rows} == {i.image_id for i in images}
-    status = _process(pg_dsn, simulator, tmp_path, "status", reaped)
+    status = daemon_process(pg_dsn, simulator.url, tmp_path, "status", reaped)
     await status.start("status")
     assert await status.wait(within=30) == 0, status.stderr()
     assert all(i.image_id in status.stdout() for i in images), status.stdout()

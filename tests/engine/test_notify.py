@@ -26,7 +26,9 @@ from orchestrator.notify import FORMATS, MAX_TARGETS, MAX_URL_LENGTH
 from orchestrator.notify.task import Notifier
 from orchestrator.simulator.config import SimConfig
 from orchestrator.simulator.runner import Simulator
-from tests.engine.conftest import LogCapture, drain, insert_policy, wait_for
+from tests.fixtures.engine import drain, insert_policy
+from tests.fixtures.logs import LogCapture
+from tests.fixtures.polling import wait_for
 from tests.fixtures.sim import make_sim_config
 
 FLEET = 12

@@ -19,15 +19,10 @@ from orchestrator.dispatcher import Dispatcher
 from orchestrator.scheduler import Targets
 from orchestrator.simulator.config import Faults
 from orchestrator.simulator.runner import Simulator
-from tests.engine.conftest import (
-    FAST_RETRY,
-    LogCapture,
-    assert_sim_clean,
-    fast_settings,
-    insert_policy,
-    job_states,
-    wait_for,
-)
+from tests.fixtures.engine import FAST_RETRY, fast_settings, insert_policy, job_states
+from tests.fixtures.logs import LogCapture
+from tests.fixtures.polling import wait_for
+from tests.fixtures.sim import assert_sim_clean
 
 LOST_ANSWER = Faults(drop_rate=1.0, after_create=1.0)  # the image is made, the answer lost
 NO_ANSWER = Faults(internal_error_rate=1.0)

@@ -15,7 +15,7 @@ from orchestrator.db import policies as policy_rows
 from orchestrator.scheduler import Targets
 from orchestrator.simulator.config import SimConfig, SimImageSeed
 from orchestrator.simulator.runner import Simulator
-from tests.engine.conftest import drain, insert_policy, job_states
+from tests.fixtures.engine import drain, insert_policy, job_states
 from tests.fixtures.sim import TEST_REGION, make_sim_config
 
 POLICY = "own"

@@ -19,7 +19,9 @@ from orchestrator.scheduler import Targets
 from orchestrator.simulator.config import Faults
 from orchestrator.simulator.runner import Simulator
 from orchestrator.tencent.errors import TencentError
-from tests.engine.conftest import LogCapture, insert_policy, job_states, wait_for
+from tests.fixtures.engine import insert_policy, job_states
+from tests.fixtures.logs import LogCapture
+from tests.fixtures.polling import wait_for
 from tests.fixtures.sim import TEST_REGION
 
 BALANCE = "InvalidAccount.InsufficientBalance"

@@ -13,8 +13,9 @@ from orchestrator.context import EngineContext
 from orchestrator.simulator.config import Faults, SimConfig
 from orchestrator.simulator.fleet import generate_fleet
 from orchestrator.simulator.runner import Simulator
-from tests.engine.conftest import LogCapture, assert_sim_clean, drain, insert_policy, job_states
-from tests.fixtures.sim import FOREIGN_IMAGE, TEST_REGION, make_sim_config
+from tests.fixtures.engine import drain, insert_policy, job_states
+from tests.fixtures.logs import LogCapture
+from tests.fixtures.sim import FOREIGN_IMAGE, TEST_REGION, assert_sim_clean, make_sim_config
 
 FLEET = generate_fleet(6, regions=(TEST_REGION,), seed=5)
 QUOTA = 8  # the foreign image plus six of ours fit; a second run of six does not

@@ -13,8 +13,8 @@ from orchestrator.context import EngineContext
 from orchestrator.simulator.config import SimConfig
 from orchestrator.simulator.fleet import generate_fleet
 from orchestrator.simulator.runner import Simulator
-from tests.engine.conftest import assert_sim_clean, drain, insert_policy
-from tests.fixtures.sim import TEST_REGION, make_sim_config
+from tests.fixtures.engine import drain, insert_policy
+from tests.fixtures.sim import TEST_REGION, assert_sim_clean, make_sim_config
 
 FLEET = generate_fleet(8, regions=(TEST_REGION,), seed=7)
 # The foreign image, one run of eight and two to spare: the second run fits two images, and

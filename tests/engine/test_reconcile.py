@@ -18,18 +18,11 @@ from orchestrator.db import pool
 from orchestrator.simulator.config import SimConfig
 from orchestrator.simulator.records import SimImage
 from orchestrator.simulator.runner import Simulator
-from tests.engine.conftest import (
-    DaemonProcess,
-    assert_sim_clean,
-    config_toml,
-    daemon_env,
-    drain,
-    fast_settings,
-    insert_policy,
-    wait_for,
-)
+from tests.fixtures.daemon import DaemonProcess, config_toml, daemon_env
+from tests.fixtures.engine import drain, fast_settings, insert_policy
 from tests.fixtures.pg import _database
-from tests.fixtures.sim import TEST_REGION, make_sim_config
+from tests.fixtures.polling import wait_for
+from tests.fixtures.sim import TEST_REGION, assert_sim_clean, make_sim_config
 
 POLICY = "keep"
 OLD_SLOT = datetime(2020, 1, 1, tzinfo=UTC)

@@ -15,8 +15,10 @@ from orchestrator.context import EngineContext
 from orchestrator.daemon import Engine, Signals
 from orchestrator.simulator.config import SimConfig
 from orchestrator.simulator.runner import Simulator
-from tests.engine.conftest import LogCapture, assert_sim_clean, drain, insert_policy, wait_for
-from tests.fixtures.sim import make_sim_config
+from tests.fixtures.engine import drain, insert_policy
+from tests.fixtures.logs import LogCapture
+from tests.fixtures.polling import wait_for
+from tests.fixtures.sim import assert_sim_clean, make_sim_config
 
 # Deleted images stay listed as DELETING this long: a deletion is done only once they are gone.
 DELETE_DELAY = 0.5

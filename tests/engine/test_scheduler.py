@@ -16,7 +16,9 @@ from orchestrator.limiter import Limiters
 from orchestrator.scheduler import Scheduler
 from orchestrator.simulator.runner import Simulator
 from orchestrator.tencent.models import Filter
-from tests.engine.conftest import LogCapture, insert_policy, wait_for
+from tests.fixtures.engine import insert_policy
+from tests.fixtures.logs import LogCapture
+from tests.fixtures.polling import wait_for
 from tests.fixtures.sim import TEST_REGION, make_sim_config
 
 T0 = datetime(2026, 11, 23, 10, 7, tzinfo=UTC)

@@ -19,7 +19,8 @@ from orchestrator.scheduler import Targets
 from orchestrator.simulator.config import SimConfig
 from orchestrator.simulator.fleet import generate_fleet
 from orchestrator.simulator.runner import Simulator
-from tests.engine.conftest import insert_policy, job_states, wait_for
+from tests.fixtures.engine import insert_policy, job_states
+from tests.fixtures.polling import wait_for
 from tests.fixtures.sim import TEST_REGION, make_sim_config
 
 DENIED = TEST_REGION  # region A: CreateImage refused by a scoped CAM policy

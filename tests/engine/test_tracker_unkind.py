@@ -17,7 +17,6 @@ from orchestrator.simulator.config import Faults, SimConfig, SimInstance
 from orchestrator.simulator.runner import Simulator
 from orchestrator.tencent.client import CvmClient, RetryPolicy
 from orchestrator.tencent.credentials import Credentials, StaticCredentials
-from tests.engine.conftest import LogCapture, fast_settings, wait_for
 from tests.engine_parts.helpers import (
     ACCOUNT,
     INSTANCES,
@@ -28,6 +27,9 @@ from tests.engine_parts.helpers import (
     make_image,
     record_image,
 )
+from tests.fixtures.engine import fast_settings
+from tests.fixtures.logs import LogCapture
+from tests.fixtures.polling import wait_for
 from tests.fixtures.sim import TEST_SECRET_ID, TEST_SECRET_KEY, make_sim_config
 
 A, B, _ = INSTANCES

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import asyncpg
 import pytest
@@ -16,7 +15,7 @@ from orchestrator.simulator.runner import Simulator
 from orchestrator.tencent.client import CvmClient
 from orchestrator.tencent.credentials import Credentials, StaticCredentials
 from tests.engine_parts.helpers import ACCOUNT, FAILING, INSTANCES
-from tests.fixtures.sim import TEST_SECRET_ID, TEST_SECRET_KEY, make_sim_config
+from tests.fixtures.sim import TEST_SECRET_ID, TEST_SECRET_KEY, SimClock, make_sim_config
 
 
 @pytest.fixture
@@ -30,20 +29,6 @@ def sim_config() -> SimConfig:
         create_delay=(0.0, 0.0),
         limits=dict.fromkeys(make_sim_config(0).limits),
     )
-
-
-@dataclass
-class SimClock:
-    """The simulator's monotonic clock, which tests can move forward to finish images."""
-
-    offset: float = 0.0
-
-    def __call__(self) -> float:
-        return time.monotonic() + self.offset
-
-    def advance(self, seconds: float) -> None:
-        """Jump ahead: images due by then settle at their next read."""
-        self.offset += seconds
 
 
 @pytest.fixture

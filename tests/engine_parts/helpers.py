@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import itertools
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -149,11 +147,3 @@ def foreign_alive(sim: Simulator) -> bool:
 async def events(pool: asyncpg.Pool, kind: str) -> list[asyncpg.Record]:
     """Ledger rows of one kind, in order."""
     return await pool.fetch("SELECT * FROM events WHERE kind = $1 ORDER BY id", kind)
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], within: float = 10.0) -> None:
-    """Poll `check` until true; fail after `within` seconds."""
-    async with asyncio.timeout(within):
-        # Polling on purpose: the condition lives in Postgres, no in-process event signals it.
-        while not await check():  # noqa: ASYNC110
-            await asyncio.sleep(0.02)

@@ -14,7 +14,6 @@ from orchestrator.context import EngineContext
 from orchestrator.db import pool
 from orchestrator.simulator.config import Faults
 from orchestrator.simulator.runner import Simulator
-from tests.engine_parts.conftest import SimClock
 from tests.engine_parts.helpers import (
     ACCOUNT,
     FAILING,
@@ -33,6 +32,7 @@ from tests.engine_parts.helpers import (
     make_image,
     record_image,
 )
+from tests.fixtures.sim import SimClock
 
 A, B, C = INSTANCES
 

@@ -16,7 +16,6 @@ from orchestrator.context import EngineContext
 from orchestrator.simulator.config import Faults, SimConfig
 from orchestrator.simulator.runner import Simulator
 from orchestrator.tencent.errors import TencentError
-from tests.engine_parts.conftest import SimClock
 from tests.engine_parts.helpers import (
     ACCOUNT,
     FAILING,
@@ -27,11 +26,12 @@ from tests.engine_parts.helpers import (
     add_policy,
     alive,
     events,
-    eventually,
     history,
     make_image,
     record_image,
 )
+from tests.fixtures.polling import wait_for
+from tests.fixtures.sim import SimClock
 
 A, B, _ = INSTANCES
 LONG = (60.0, 60.0)  # seconds CREATING, until the test advances the simulator's clock
@@ -200,7 +200,7 @@ async def test_run_follows_images_and_stops_promptly(
     async def succeeded() -> bool:
         return (await _job(engine, job))["state"] == "succeeded"
 
-    await eventually(succeeded)
+    await wait_for(succeeded, within=10)
     stop.set()
     await asyncio.wait_for(task, timeout=5)
 

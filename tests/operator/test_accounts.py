@@ -13,8 +13,8 @@ import pytest
 from orchestrator import cli, pauses, status
 from orchestrator.db import pool as db_pool
 from orchestrator.tencent.errors import TencentError
+from tests.fixtures.operator import insert_policy
 from tests.fixtures.pg import run_async, run_sql
-from tests.operator.conftest import insert_policy
 
 REFUSAL = TencentError(
     "UnauthorizedOperation.PermissionDenied", "CAM policy denies cvm:CreateImage", "req-cam-1"

@@ -37,9 +37,11 @@ from orchestrator import pauses
 from orchestrator.simulator.config import SimConfig, SimImageSeed
 from orchestrator.simulator.runner import Simulator
 from orchestrator.tencent.errors import TencentError
-from tests.engine.conftest import DaemonProcess, config_toml, daemon_env, fast_settings, wait_for
+from tests.fixtures.daemon import DaemonProcess, config_toml, daemon_env
+from tests.fixtures.engine import fast_settings
+from tests.fixtures.operator import insert_image, insert_policy
+from tests.fixtures.polling import wait_for
 from tests.fixtures.sim import TEST_REGION, make_sim_config
-from tests.operator.conftest import insert_image, insert_policy
 from tests.operator.promql import evaluate, instant, metric_names
 from tests.operator.scrape import scrape
 from tests.operator.seed import add_job, midnight

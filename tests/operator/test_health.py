@@ -17,7 +17,8 @@ from orchestrator.config import Settings
 from orchestrator.db import pool as db_pool
 from orchestrator.errors import UsageError
 from orchestrator.health import DEFAULT_ADDRESS, PortInUse, parse_address, run, serve_health, wanted
-from tests.engine.conftest import LogCapture, wait_for
+from tests.fixtures.logs import LogCapture
+from tests.fixtures.polling import wait_for
 from tests.operator.scrape import scrape, value
 
 LOCAL = Settings(metrics_address="127.0.0.1:0")

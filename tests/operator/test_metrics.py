@@ -20,8 +20,8 @@ from orchestrator.daemon import Engine, Signals
 from orchestrator.health import serve_health
 from orchestrator.metrics import Metrics
 from orchestrator.tencent.errors import TencentError
+from tests.fixtures.operator import insert_image, insert_policy
 from tests.fixtures.sim import TEST_QUOTA, TEST_REGION
-from tests.operator.conftest import insert_image, insert_policy
 from tests.operator.scrape import scrape, value
 
 SLOT = datetime(2024, 5, 1, 3, 0, tzinfo=UTC)

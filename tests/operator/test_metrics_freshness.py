@@ -19,9 +19,9 @@ from orchestrator.health import serve_health
 from orchestrator.metrics import MAX_CODES, OTHER, Metrics
 from orchestrator.simulator.runner import Simulator
 from orchestrator.tencent.errors import TencentError
-from tests.engine.conftest import wait_for
+from tests.fixtures.operator import insert_image, insert_policy
+from tests.fixtures.polling import wait_for
 from tests.fixtures.sim import TEST_REGION
-from tests.operator.conftest import insert_image, insert_policy
 from tests.operator.scrape import scrape, value
 from tests.operator.seed import add_job, midnight
 

@@ -16,9 +16,9 @@ from orchestrator import cli
 from orchestrator.context import EngineContext
 from orchestrator.plan import make_plan
 from orchestrator.simulator.runner import Simulator
-from tests.engine.conftest import insert_policy as insert_tag_policy
+from tests.fixtures.engine import insert_policy as insert_tag_policy
+from tests.fixtures.operator import SEEDED, insert_image, insert_policy
 from tests.fixtures.sim import TEST_REGION, make_sim_config
-from tests.operator.conftest import SEEDED, insert_image, insert_policy
 
 GONE = "ins-gone0000"
 

@@ -19,9 +19,10 @@ import pytest
 
 from orchestrator import status
 from orchestrator.simulator.runner import Simulator
-from tests.engine.conftest import DaemonProcess, config_toml, daemon_env, fast_settings
+from tests.fixtures.daemon import DaemonProcess, config_toml, daemon_env
+from tests.fixtures.engine import fast_settings
+from tests.fixtures.operator import insert_image, insert_policy
 from tests.fixtures.sim import TEST_REGION, TEST_SECRET_ID, TEST_SECRET_KEY
-from tests.operator.conftest import insert_image, insert_policy
 
 LONG_MESSAGE = "The instance is busy with another operation, " * 5
 SLOT = datetime(2024, 5, 1, tzinfo=UTC)

@@ -31,7 +31,9 @@ import pytest
 from orchestrator import pauses
 from orchestrator.simulator.runner import Simulator
 from orchestrator.tencent.errors import TencentError
-from tests.engine.conftest import config_toml, daemon_env, fast_settings, wait_for
+from tests.fixtures.daemon import config_toml, daemon_env
+from tests.fixtures.engine import fast_settings
+from tests.fixtures.polling import wait_for
 from tests.fixtures.sim import TEST_REGION
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -8,7 +8,8 @@ import asyncpg
 
 from orchestrator import scheduler
 from orchestrator.context import EngineContext
-from tests.engine.conftest import LogCapture, insert_policy
+from tests.fixtures.engine import insert_policy
+from tests.fixtures.logs import LogCapture
 
 
 async def test_policy_naming_an_unconfigured_account_creates_no_jobs_and_says_why(

@@ -13,8 +13,9 @@ from orchestrator.db.pool import DatabaseUnavailable
 from orchestrator.db.resilience import CONNECTION_ERRORS, DbWatch, is_connection_error
 from orchestrator.dispatcher import Dispatcher
 from orchestrator.simulator.runner import Simulator
-from tests.engine.conftest import LogCapture, fast_settings
-from tests.soak.conftest import OwnPostgres
+from tests.fixtures.engine import fast_settings
+from tests.fixtures.logs import LogCapture
+from tests.fixtures.own_pg import OwnPostgres
 
 OUTAGE = (*CONNECTION_ERRORS, asyncpg.InterfaceError)
 TRANSIENT = [

@@ -25,17 +25,10 @@ from orchestrator.db.resilience import is_connection_error
 from orchestrator.simulator.config import Faults, SimConfig
 from orchestrator.simulator.fleet import generate_fleet
 from orchestrator.simulator.runner import Simulator
-from tests.engine.conftest import (
-    FAST_RETRY,
-    DaemonProcess,
-    assert_sim_clean,
-    config_toml,
-    daemon_env,
-    fast_settings,
-    insert_policy,
-)
-from tests.fixtures.sim import TEST_REGION, make_sim_config
-from tests.soak.conftest import OwnPostgres
+from tests.fixtures.daemon import DaemonProcess, config_toml, daemon_env
+from tests.fixtures.engine import FAST_RETRY, fast_settings, insert_policy
+from tests.fixtures.own_pg import OwnPostgres
+from tests.fixtures.sim import TEST_REGION, assert_sim_clean, make_sim_config
 
 FLEET_SIZE = 36
 SOAK_SECONDS = float(os.environ.get("CVM_BACKUP_SOAK_SECONDS", "0"))

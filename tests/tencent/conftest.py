@@ -9,32 +9,10 @@ from typing import Any
 import pytest
 import structlog
 
-from orchestrator.tencent.client import CvmClient, RetryPolicy
+from orchestrator.tencent.client import CvmClient
 from orchestrator.tencent.credentials import Credentials, StaticCredentials
+from tests.fixtures.tencent import FAST_RETRY, SECRET_ID, SECRET_KEY, TOKEN, RecordingLimiter
 from tests.tencent.fake_api import FakeApi
-
-SECRET_ID = "AKIDtestsecretid0000"
-SECRET_KEY = "sk-very-secret-key-1234567890"
-TOKEN = "session-token-abcdefghijklmnop"
-
-# Retries in tests wait microseconds, not the production fractions of a second.
-FAST_RETRY = RetryPolicy(base_delay=0.001, max_delay=0.002)
-
-
-class RecordingLimiter:
-    """A RateLimit that admits everything and records what it was told."""
-
-    def __init__(self) -> None:
-        self.acquired: list[tuple[str, str]] = []
-        self.throttles: list[tuple[str, str]] = []
-
-    async def acquire(self, account: str, action: str) -> None:
-        """Record one acquisition."""
-        self.acquired.append((account, action))
-
-    def throttled(self, account: str, action: str) -> None:
-        """Record one throttle signal."""
-        self.throttles.append((account, action))
 
 
 @pytest.fixture

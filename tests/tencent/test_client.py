@@ -12,8 +12,8 @@ from structlog.testing import capture_logs
 from orchestrator.tencent.client import CallWithheld, CvmClient
 from orchestrator.tencent.errors import ErrorClass, TencentError
 from orchestrator.tencent.models import Filter
+from tests.fixtures.tencent import SECRET_ID, SECRET_KEY, TOKEN, RecordingLimiter
 from tests.tencent import fake_api as f
-from tests.tencent.conftest import SECRET_ID, SECRET_KEY, TOKEN, RecordingLimiter
 from tests.tencent.sdk_oracle import sdk_request, signed_headers
 
 

@@ -16,8 +16,8 @@ from orchestrator.tencent.credentials import (
     StaticCredentials,
 )
 from orchestrator.tencent.errors import TencentError
+from tests.fixtures.tencent import SECRET_ID, SECRET_KEY, TOKEN
 from tests.tencent import fake_api as f
-from tests.tencent.conftest import SECRET_ID, SECRET_KEY, TOKEN
 
 
 def _assert_clean(text: str) -> None:

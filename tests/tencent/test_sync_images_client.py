@@ -21,8 +21,8 @@ from orchestrator.tencent.credentials import Credentials, StaticCredentials
 from orchestrator.tencent.errors import ErrorClass, TencentError, classify
 from orchestrator.tencent.models import ImageCopy, SyncImagesResult
 from tests.fixtures.sim import FOREIGN_IMAGE, TEST_REGION, TEST_SECRET_ID, TEST_SECRET_KEY
+from tests.fixtures.tencent import SECRET_ID, SECRET_KEY, TOKEN, RecordingLimiter
 from tests.tencent import fake_api as f
-from tests.tencent.conftest import SECRET_ID, SECRET_KEY, TOKEN, RecordingLimiter
 from tests.tencent.sdk_oracle import sdk_request, signed_headers
 
 DEST = "ap-shanghai"
