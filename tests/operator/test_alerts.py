@@ -199,9 +199,8 @@ async def daemon(
 ) -> AsyncIterator[tuple[DaemonProcess, str]]:
     """`cvm-backup run` with its endpoint on a free loopback port; stopped with SIGTERM after."""
     address = f"127.0.0.1:{_free_port()}"
-    config = config_toml(fast_settings(pg_dsn, simulator.url), tmp_path / "config.toml")
-    # Top-level keys go before the file's [retry] table.
-    config.write_text(f'metrics_address = "{address}"\n' + config.read_text("utf-8"), "utf-8")
+    settings = fast_settings(pg_dsn, simulator.url, metrics_address=address)
+    config = config_toml(settings, tmp_path / "config.toml")
     process = DaemonProcess(daemon_env(pg_dsn, simulator.url, config, tmp_path), tmp_path / "log")
     await process.start("run")
     try:
