@@ -538,19 +538,6 @@ def load_file(path: Path) -> list[Policy]:
 _NOT_FLAT = {"id", "retention", "copies"}
 
 
-def to_raw(policy: Policy) -> dict[str, Any]:
-    """The file-format mapping of a policy (what `validate` reads back)."""
-    raw: dict[str, Any] = {
-        f.name: getattr(policy, f.name) for f in fields(policy) if f.name not in _NOT_FLAT
-    }
-    raw["instance_ids"] = list(policy.instance_ids)
-    raw["instance_tags"] = dict(policy.instance_tags)
-    raw["completion_window"] = format_duration(policy.completion_window)
-    raw["retention"] = _rules_raw(policy.retention)
-    raw["copies"] = copies_raw(policy.copies)
-    return raw
-
-
 def _rules_raw(rules: Retention) -> dict[str, int]:
     return {k: v for k in _RETENTION_FIELDS if (v := getattr(rules, k)) is not None}
 

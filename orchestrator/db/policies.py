@@ -136,14 +136,6 @@ async def fetch_policy(conn: Conn | asyncpg.Pool[asyncpg.Record], name: str) -> 
     return None if row is None else row_to_policy(row)
 
 
-async def fetch_policy_by_id(
-    conn: Conn | asyncpg.Pool[asyncpg.Record], policy_id: int
-) -> Policy | None:
-    """One policy by id; None if absent; PolicyError if the row is invalid."""
-    row = await conn.fetchrow(f"SELECT {_COLUMNS} FROM policies WHERE id = $1", policy_id)
-    return None if row is None else row_to_policy(row)
-
-
 def _params(policy: Policy) -> tuple[Any, ...]:
     r = policy.retention
     return (

@@ -149,10 +149,6 @@ def foreign_images(fleet: tuple[SimInstance, ...]) -> tuple[SimImageSeed, ...]:
     )
 
 
-def _lookalike(instance_id: str) -> str:
-    return f"cvmbk-{TAG_POLICY}-{instance_id}-20240101T0300Z"
-
-
 def policies_toml(explicit_ids: tuple[str, ...]) -> str:
     """The sample policy file: a tag policy keeping 2 images, an id policy keeping 1 at home
     and 1 copy in COPY_REGION."""

@@ -176,10 +176,6 @@ class SimConfig:
         """The per-second limit of an action, None when unlimited."""
         return self.limits.get(action, DEFAULT_LIMITS.get(action))
 
-    def faults_for(self, action: str) -> Faults:
-        """The faults that apply to an action (its own set, else the global one)."""
-        return self.action_faults.get(action, self.faults)
-
 
 # Every published limit lifted, for benchmarks that measure the daemon rather than the API.
 NO_LIMITS: Mapping[str, int | None] = dict.fromkeys(DEFAULT_LIMITS)
