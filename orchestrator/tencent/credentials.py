@@ -14,7 +14,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -204,6 +204,46 @@ def _role_credentials(data: Any, role: str) -> Credentials:
         raise CredentialsError(f"CVM role {role!r}: metadata answer lacks keys") from None
 
 
+class RefreshingKeys:
+    """Temporary keys from `fetch`, cached and fetched again within `margin` of their expiry.
+
+    A failed refresh keeps keys still inside their lifetime (the metadata service, STS or a
+    token file may blip); expired keys are never handed out.
+    """
+
+    def __init__(
+        self,
+        fetch: Callable[[], Awaitable[Credentials]],
+        margin: float,
+        clock: Callable[[], float],
+        **about: Any,
+    ) -> None:
+        self._fetch, self._margin, self._clock, self._about = fetch, margin, clock, about
+        self._cached: Credentials | None = None
+        self._lock = asyncio.Lock()
+
+    async def get(self) -> Credentials:
+        """The cached keys, refreshed first when they expire within the margin."""
+        async with self._lock:
+            cached = self._cached
+            if cached is None or cached.expiring(self._clock(), self._margin):
+                cached = self._cached = await self._refresh(cached)
+            return cached
+
+    async def _refresh(self, cached: Credentials | None) -> Credentials:
+        try:
+            fresh = await self._fetch()
+        except TencentError as exc:
+            if cached is not None and not cached.expiring(self._clock(), 0):
+                about = self._about or {"source": cached.source}
+                log.warning("credentials.refresh_failed", code=exc.code, **about)
+                return cached
+            raise
+        about = self._about or {"source": fresh.source}
+        log.debug("credentials.refreshed", expires_at=fresh.expires_at, **about)
+        return fresh
+
+
 class CvmRoleCredentials:
     """Temporary keys of the instance's CAM role, from the CVM metadata service, renewed early."""
 
@@ -218,34 +258,15 @@ class CvmRoleCredentials:
     ) -> None:
         self._role = role
         self._base = base_url if base_url.endswith("/") else base_url + "/"
-        self._margin = refresh_margin
         self._timeout = aiohttp.ClientTimeout(total=timeout)
-        self._clock = clock
-        self._cached: Credentials | None = None
-        self._lock = asyncio.Lock()
+        self._keys = RefreshingKeys(self._fetch, refresh_margin, clock, role=role)
 
     def __repr__(self) -> str:
         return f"CvmRoleCredentials(role={self._role!r}, base_url={self._base!r})"
 
     async def get(self) -> Credentials:
         """Cached role keys, fetched again when they are within the refresh margin of expiry."""
-        async with self._lock:
-            cached = self._cached
-            if cached is None or cached.expiring(self._clock(), self._margin):
-                cached = self._cached = await self._refresh(cached)
-            return cached
-
-    async def _refresh(self, cached: Credentials | None) -> Credentials:
-        try:
-            fresh = await self._fetch()
-        except TencentError as exc:
-            # Keys still inside their lifetime beat no keys: the metadata service may blip.
-            if cached is not None and not cached.expiring(self._clock(), 0):
-                log.warning("credentials.refresh_failed", code=exc.code, role=self._role)
-                return cached
-            raise
-        log.debug("credentials.refreshed", role=self._role, expires_at=fresh.expires_at)
-        return fresh
+        return await self._keys.get()
 
     async def _fetch(self) -> Credentials:
         async with aiohttp.ClientSession(timeout=self._timeout) as session:
@@ -391,34 +412,16 @@ class TkeOidcCredentials:
         self._env = env
         self._endpoint = sts_endpoint(sts_url)
         self._duration = duration
-        self._margin = max(REFRESH_MARGIN, duration / 10)
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._clock = clock
-        self._cached: Credentials | None = None
-        self._lock = asyncio.Lock()
+        self._keys = RefreshingKeys(self._fetch, max(REFRESH_MARGIN, duration / 10), clock)
 
     def __repr__(self) -> str:
         return f"TkeOidcCredentials(sts_url={self._endpoint.url!r})"
 
     async def get(self) -> Credentials:
         """Cached role keys, fetched again when they are within the refresh margin of expiry."""
-        async with self._lock:
-            cached = self._cached
-            if cached is None or cached.expiring(self._clock(), self._margin):
-                cached = self._cached = await self._refresh(cached)
-            return cached
-
-    async def _refresh(self, cached: Credentials | None) -> Credentials:
-        try:
-            fresh = await self._fetch()
-        except TencentError as exc:
-            # Keys still inside their lifetime beat no keys: STS or the token file may blip.
-            if cached is not None and not cached.expiring(self._clock(), 0):
-                log.warning("credentials.refresh_failed", code=exc.code, source=cached.source)
-                return cached
-            raise
-        log.debug("credentials.refreshed", source=fresh.source, expires_at=fresh.expires_at)
-        return fresh
+        return await self._keys.get()
 
     async def _fetch(self) -> Credentials:
         env = os.environ if self._env is None else self._env

@@ -6,7 +6,6 @@ import asyncio
 import functools
 import random
 import signal
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,8 +16,8 @@ from orchestrator import naming
 from orchestrator.simulator.config import Faults, SimConfig
 from orchestrator.simulator.fleet import generate_fleet
 from orchestrator.simulator.runner import Simulator
-from tests.fixtures.daemon import DaemonProcess, config_toml, daemon_env
-from tests.fixtures.engine import fast_settings, insert_policy
+from tests.fixtures.daemon import DaemonProcess, daemon_process
+from tests.fixtures.engine import insert_policy
 from tests.fixtures.polling import wait_for
 from tests.fixtures.sim import TEST_REGION, assert_sim_clean, make_sim_config
 
@@ -44,15 +43,20 @@ def sim_config() -> SimConfig:
 
 
 @pytest.fixture
-async def daemon(pg_dsn: str, simulator: Simulator, tmp_path: Path) -> AsyncIterator[DaemonProcess]:
+def daemon(
+    pg_dsn: str, simulator: Simulator, tmp_path: Path, reaped: list[DaemonProcess]
+) -> DaemonProcess:
     """A daemon command line on this test's database and simulator (not started; reaped)."""
-    settings = fast_settings(
-        pg_dsn, simulator.url, lease_seconds=6.0, request_timeout=3.0, shutdown_grace=3.0
+    return daemon_process(
+        pg_dsn,
+        simulator.url,
+        tmp_path,
+        "daemon",
+        reaped,
+        lease_seconds=6.0,
+        request_timeout=3.0,
+        shutdown_grace=3.0,
     )
-    config = config_toml(settings, tmp_path / "config.toml")
-    process = DaemonProcess(daemon_env(pg_dsn, simulator.url, config, tmp_path), tmp_path / "log")
-    yield process
-    await process.kill()  # a test that failed mid-run must not leave it running
 
 
 async def _terminal(pool: asyncpg.Pool, expected: int) -> bool:
